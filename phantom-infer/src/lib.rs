@@ -1,0 +1,12 @@
+//! Generation with Phantom models and the tools people use them through.
+//!
+//! [`session`] runs a batch through prefill and cached decode steps; [`generate`] is the one
+//! generation loop (greedy, sampling, beams, stop rules, streaming) that the CLI, a server and
+//! the browser share; [`io`] reads and writes the token-level safetensors files of the CLI.
+
+pub mod generate;
+pub mod io;
+pub mod session;
+
+pub use generate::{Generation, GenerationConfig, TokenEvent, generate};
+pub use session::{Session, Timings};

@@ -1,0 +1,9 @@
+//! `phantom-infer`: run Phantom checkpoints from the command line.
+
+mod cli;
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    cli::Cli::parse().run()
+}

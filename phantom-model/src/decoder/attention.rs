@@ -1,0 +1,213 @@
+//! Decoder self-attention with the phantom dimension, shared by every backbone.
+//!
+//! The backbones differ only in how q, k and v come out of the projections (separate, fused
+//! `[Q|K|V]`, or InternLM2's per-KV-head groups); everything after that is one code path:
+//! RoPE → phantom vectors → widen to 2d → causal attention over the cache → gate → `o_proj`.
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use super::rope::{RopeTables, apply_rope};
+use crate::cache::LayerCache;
+use crate::config::{Backbone, LlmConfig};
+use crate::phantom::{PhantomDimension, PhantomVectors};
+
+/// Tensors recorded inside one attention layer, for comparing a port tensor by tensor.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionTrace {
+    /// `η·Xq(q, q̂)`, `[B, T, H, d]`.
+    pub xattn_query: Option<Tensor<4>>,
+    /// `η·Xk(k, k̂)` of the new tokens, `[B, T, H_kv, d]`.
+    pub xattn_key: Option<Tensor<4>>,
+    /// `v + η·Xv(v, v̂)` of the new tokens, `[B, T, H_kv, d]`.
+    pub xattn_value: Option<Tensor<4>>,
+    /// Gate logit of the plain half, `[B, T, H, 1]`.
+    pub gate_1: Option<Tensor<4>>,
+    /// Gate logit of the phantom half, `[B, T, H, 1]`.
+    pub gate_2: Option<Tensor<4>>,
+    /// The phantom vectors in use.
+    pub phantom: Option<PhantomVectors>,
+    /// The block output after `o_proj`, `[B, T, D]`.
+    pub out: Option<Tensor<3>>,
+}
+
+/// One call's view of the cache: which keys each query may see.
+#[derive(Clone, Debug)]
+pub struct AttentionMask {
+    /// `[B, 1, 1, T, S]`, true where the key is hidden (future or padding).
+    pub hidden: Tensor<5, Bool>,
+}
+
+/// Phantom self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection (Qwen2).
+    pub q_proj: Option<Linear>,
+    /// Key projection (Qwen2).
+    pub k_proj: Option<Linear>,
+    /// Value projection (Qwen2).
+    pub v_proj: Option<Linear>,
+    /// Fused projection (Phi-3 `qkv_proj`, InternLM2 `wqkv`).
+    pub qkv_proj: Option<Linear>,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// The phantom modules.
+    pub phantom: PhantomDimension,
+    /// Query heads H.
+    pub num_heads: usize,
+    /// Key/value heads H_kv.
+    pub num_kv_heads: usize,
+    /// Head width d.
+    pub head_dim: usize,
+    /// Whether the fused projection is InternLM2's per-KV-head `[q × g, k, v]` grouping
+    /// rather than `[Q | K | V]`.
+    pub grouped_qkv: bool,
+}
+
+impl Attention {
+    /// A fresh layer shaped by `config`.
+    pub fn new(config: &LlmConfig, eta: f64, device: &Device) -> Self {
+        let (h, hkv, d, hidden) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim(),
+            config.hidden_size,
+        );
+        let lin = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let (q_proj, k_proj, v_proj, qkv_proj) = match config.backbone {
+            Backbone::Qwen2 => (
+                Some(lin(hidden, h * d, config.qkv_bias)),
+                Some(lin(hidden, hkv * d, config.qkv_bias)),
+                Some(lin(hidden, hkv * d, config.qkv_bias)),
+                None,
+            ),
+            Backbone::InternLm2 | Backbone::Phi3 => {
+                (None, None, None, Some(lin(hidden, (h + 2 * hkv) * d, config.qkv_bias)))
+            }
+        };
+        Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv_proj,
+            o_proj: lin(h * d, hidden, config.o_bias),
+            phantom: PhantomDimension::new(d, eta, device),
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+            grouped_qkv: config.backbone == Backbone::InternLm2,
+        }
+    }
+
+    /// q `[B, T, H, d]`, k and v `[B, T, H_kv, d]`, before RoPE.
+    pub fn project(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, t, _] = x.dims();
+        let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
+            (None, Some(q), Some(k), Some(v)) => (
+                q.forward(x.clone()).reshape([b, t, h, d]),
+                k.forward(x.clone()).reshape([b, t, hkv, d]),
+                v.forward(x).reshape([b, t, hkv, d]),
+            ),
+            (Some(fused), ..) if self.grouped_qkv => {
+                // Rows grouped per KV head: [q_0 … q_{g-1}, k, v] for each KV head.
+                let g = h / hkv;
+                let all = fused.forward(x).reshape([b, t, hkv, g + 2, d]);
+                let q = all.clone().narrow(3, 0, g).reshape([b, t, h, d]);
+                let k = all.clone().narrow(3, g, 1).reshape([b, t, hkv, d]);
+                let v = all.narrow(3, g + 1, 1).reshape([b, t, hkv, d]);
+                (q, k, v)
+            }
+            (Some(fused), ..) => {
+                let all = fused.forward(x);
+                let q = all.clone().narrow(2, 0, h * d).reshape([b, t, h, d]);
+                let k = all.clone().narrow(2, h * d, hkv * d).reshape([b, t, hkv, d]);
+                let v = all.narrow(2, (h + hkv) * d, hkv * d).reshape([b, t, hkv, d]);
+                (q, k, v)
+            }
+            _ => unreachable!("Attention::new always sets one complete projection layout"),
+        }
+    }
+
+    /// Attends the `T` new tokens `x` (`[B, T, D]`) over the cache plus themselves, and
+    /// appends their keys and values to `cache`.
+    ///
+    /// `phantom_positions` gives each row's phantom token within `x`; it is required when the
+    /// cache holds no phantom vectors yet (the prefill) and ignored afterwards.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        mask: &AttentionMask,
+        cache: &mut Option<LayerCache>,
+        phantom_positions: Option<&[usize]>,
+        trace: Option<&mut AttentionTrace>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (q, k, v) = self.project(x);
+        let q = apply_rope(q, rope);
+        let k = apply_rope(k, rope);
+
+        let phantom = match cache {
+            Some(layer) => layer.phantom.clone(),
+            None => {
+                let positions = phantom_positions
+                    .expect("the first forward of a sequence must name its phantom positions");
+                PhantomVectors::take(&q, &k, &v, positions)
+            }
+        };
+
+        // Widen to 2d. Keys and values are widened on their own H_kv heads: XAttention is a
+        // softmax over heads, so duplicating every KV head (GQA) would leave it unchanged.
+        let q_wide = self.phantom.widen_query(q.clone(), &phantom);
+        let k_wide = self.phantom.widen_key(k, &phantom);
+        let v_wide = self.phantom.widen_value(v, &phantom);
+
+        // The cache keeps the widened keys and values: their phantom halves depend only on the
+        // token itself and the sequence's fixed phantom vectors, so they never change.
+        let k_new = k_wide.clone().swap_dims(1, 2);
+        let v_new = v_wide.clone().swap_dims(1, 2);
+        let (k_all, v_all) = match cache.take() {
+            Some(layer) => (
+                Tensor::cat(vec![layer.k, k_new], 2),
+                Tensor::cat(vec![layer.v, v_new], 2),
+            ),
+            None => (k_new, v_new),
+        };
+        let s = k_all.dims()[2];
+
+        // GQA without copying keys: the g query heads of a KV head share its key matrix.
+        let g = h / hkv;
+        let q_heads = q_wide.clone().swap_dims(1, 2).reshape([b, hkv, g * t, 2 * d]);
+        // The scale uses the original head width d, as the released code does.
+        let scores = q_heads
+            .matmul(k_all.clone().swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt())
+            .reshape([b, hkv, g, t, s])
+            .mask_fill(mask.hidden.clone(), f32::MIN);
+        let weights = softmax(scores, 4).reshape([b, hkv, g * t, s]);
+        let o = weights.matmul(v_all.clone()).reshape([b, h, t, 2 * d]).swap_dims(1, 2);
+
+        let folded = self.phantom.fold(o.clone());
+        let out = self.o_proj.forward(folded.reshape([b, t, h * d]));
+
+        if let Some(trace) = trace {
+            let o1 = o.clone().narrow(3, 0, d);
+            let o2 = o.narrow(3, d, d);
+            let (g1, g2) = self.phantom.gate_logits(o1, o2);
+            trace.xattn_query = Some(q_wide.narrow(3, d, d));
+            trace.xattn_key = Some(k_wide.narrow(3, d, d));
+            trace.xattn_value = Some(v_wide.narrow(3, d, d));
+            trace.gate_1 = Some(g1);
+            trace.gate_2 = Some(g2);
+            trace.phantom = Some(phantom.clone());
+            trace.out = Some(out.clone());
+        }
+
+        *cache = Some(LayerCache { k: k_all, v: v_all, phantom });
+        out
+    }
+}

@@ -1,0 +1,210 @@
+//! Backend features → a run-time [`Device`].
+//!
+//! Every binary takes a `--device` string; this module parses it, checks that the backend is
+//! compiled in, and initialises it. Model code never names a backend.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::*;
+
+use crate::error::{PhantomError, Result};
+
+/// A device as a user names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// Burn's pure-Rust CPU backend (`flex`).
+    Flex,
+    /// The ndarray CPU backend (`ndarray`).
+    NdArray,
+    /// wgpu on the best adapter with the API wgpu picks (`wgpu`).
+    Wgpu,
+    /// wgpu on a software (CPU) adapter such as Mesa's lavapipe/llvmpipe (`wgpu-cpu`).
+    WgpuCpu,
+    /// wgpu pinned to Vulkan (`vulkan`).
+    Vulkan,
+    /// wgpu pinned to Metal (`metal`).
+    Metal,
+    /// wgpu pinned to DirectX 12 (`dx12`).
+    Dx12,
+    /// wgpu pinned to OpenGL (`gl`; Mesa's llvmpipe on machines without a GPU).
+    Gl,
+    /// libtorch on the CPU (`tch`).
+    Tch,
+    /// libtorch on CUDA device N (`tch-cuda:N`).
+    TchCuda(usize),
+    /// CubeCL CUDA device N (`cuda:N`).
+    Cuda(usize),
+}
+
+/// Every device name `--device` accepts, for help texts.
+pub const DEVICE_NAMES: &str = "flex, ndarray, wgpu, wgpu-cpu, vulkan, metal, dx12, gl, tch, tch-cuda:N, cuda:N";
+
+impl FromStr for DeviceSpec {
+    type Err = PhantomError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let index = |rest: &str| -> Result<usize> {
+            if rest.is_empty() {
+                return Ok(0);
+            }
+            rest.strip_prefix(':')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| PhantomError::Device(format!("`{s}`: expected an index like `:0`")))
+        };
+        Ok(match s {
+            "flex" | "cpu" => Self::Flex,
+            "ndarray" => Self::NdArray,
+            "wgpu" => Self::Wgpu,
+            "wgpu-cpu" => Self::WgpuCpu,
+            "vulkan" => Self::Vulkan,
+            "metal" => Self::Metal,
+            "dx12" => Self::Dx12,
+            "gl" => Self::Gl,
+            "tch" | "tch-cpu" => Self::Tch,
+            _ if s.starts_with("tch-cuda") => Self::TchCuda(index(&s["tch-cuda".len()..])?),
+            _ if s.starts_with("cuda") => Self::Cuda(index(&s["cuda".len()..])?),
+            _ => {
+                return Err(PhantomError::Device(format!(
+                    "unknown device `{s}`; expected one of: {DEVICE_NAMES}"
+                )));
+            }
+        })
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Flex => write!(f, "flex"),
+            Self::NdArray => write!(f, "ndarray"),
+            Self::Wgpu => write!(f, "wgpu"),
+            Self::WgpuCpu => write!(f, "wgpu-cpu"),
+            Self::Vulkan => write!(f, "vulkan"),
+            Self::Metal => write!(f, "metal"),
+            Self::Dx12 => write!(f, "dx12"),
+            Self::Gl => write!(f, "gl"),
+            Self::Tch => write!(f, "tch"),
+            Self::TchCuda(i) => write!(f, "tch-cuda:{i}"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// The backends compiled into this build, best first.
+pub fn compiled_backends() -> Vec<DeviceSpec> {
+    let mut out = Vec::new();
+    if cfg!(feature = "cuda") {
+        out.push(DeviceSpec::Cuda(0));
+    }
+    if cfg!(feature = "wgpu") {
+        out.push(DeviceSpec::Wgpu);
+    }
+    if cfg!(feature = "tch") {
+        out.push(DeviceSpec::Tch);
+    }
+    if cfg!(feature = "flex") {
+        out.push(DeviceSpec::Flex);
+    }
+    if cfg!(feature = "ndarray") {
+        out.push(DeviceSpec::NdArray);
+    }
+    out
+}
+
+/// The default device: the first compiled backend that comes up, preferring GPUs.
+pub fn default_device() -> Result<Device> {
+    let mut errors = Vec::new();
+    for spec in compiled_backends() {
+        match spec.init() {
+            Ok(device) => return Ok(device),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(PhantomError::Device(if errors.is_empty() {
+        "no backend is compiled in; build with a feature: flex, ndarray, wgpu, tch, cuda".into()
+    } else {
+        errors.join("; ")
+    }))
+}
+
+/// Parses `name` (or picks the default when `None`) and initialises the device.
+pub fn device(name: Option<&str>) -> Result<Device> {
+    match name {
+        None | Some("auto") => default_device(),
+        Some(name) => name.parse::<DeviceSpec>()?.init(),
+    }
+}
+
+fn not_compiled(spec: &DeviceSpec, feature: &str) -> PhantomError {
+    PhantomError::Device(format!(
+        "device `{spec}` needs the `{feature}` feature, which this build lacks (rebuild with \
+         `--features {feature}`)"
+    ))
+}
+
+impl DeviceSpec {
+    /// Initialises the backend, failing clearly when it is not compiled in or not present.
+    #[allow(deprecated)] // ndarray and tch are deprecated upstream and still supported here
+    pub fn init(&self) -> Result<Device> {
+        match self {
+            Self::Flex => {
+                #[cfg(feature = "flex")]
+                return Ok(Device::flex());
+                #[cfg(not(feature = "flex"))]
+                return Err(not_compiled(self, "flex"));
+            }
+            Self::NdArray => {
+                #[cfg(feature = "ndarray")]
+                return Ok(Device::ndarray());
+                #[cfg(not(feature = "ndarray"))]
+                return Err(not_compiled(self, "ndarray"));
+            }
+            Self::Wgpu | Self::WgpuCpu | Self::Vulkan | Self::Metal | Self::Dx12 | Self::Gl => {
+                #[cfg(feature = "wgpu")]
+                return wgpu_init(self);
+                #[cfg(not(feature = "wgpu"))]
+                return Err(not_compiled(self, "wgpu"));
+            }
+            Self::Tch => {
+                #[cfg(feature = "tch")]
+                return Ok(Device::libtorch());
+                #[cfg(not(feature = "tch"))]
+                return Err(not_compiled(self, "tch"));
+            }
+            Self::TchCuda(_index) => {
+                #[cfg(feature = "tch")]
+                return Ok(Device::libtorch_cuda(*_index));
+                #[cfg(not(feature = "tch"))]
+                return Err(not_compiled(self, "tch"));
+            }
+            Self::Cuda(_index) => {
+                #[cfg(feature = "cuda")]
+                return Ok(Device::cuda(*_index));
+                #[cfg(not(feature = "cuda"))]
+                return Err(not_compiled(self, "cuda"));
+            }
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_init(spec: &DeviceSpec) -> Result<Device> {
+    use burn::tensor::DeviceKind;
+    use burn::tensor::wgpu::WgpuBackend;
+
+    let (api, kind) = match spec {
+        DeviceSpec::Wgpu => (WgpuBackend::Auto, DeviceKind::DefaultDevice),
+        DeviceSpec::WgpuCpu => (WgpuBackend::Auto, DeviceKind::Cpu),
+        DeviceSpec::Vulkan => (WgpuBackend::Vulkan, DeviceKind::DefaultDevice),
+        DeviceSpec::Metal => (WgpuBackend::Metal, DeviceKind::DefaultDevice),
+        DeviceSpec::Dx12 => (WgpuBackend::Dx12, DeviceKind::DefaultDevice),
+        DeviceSpec::Gl => (WgpuBackend::Gl, DeviceKind::DefaultDevice),
+        _ => unreachable!("wgpu_init is only called for wgpu devices"),
+    };
+    Device::wgpu_options()
+        .graphics_api(api)
+        .device_kind(kind)
+        .init()
+        .map_err(|e| PhantomError::Device(format!("`{spec}` could not start: {e}")))
+}

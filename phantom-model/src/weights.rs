@@ -1,0 +1,207 @@
+//! The official safetensors layout ⇄ Burn modules.
+//!
+//! Loading reads `model.safetensors` or the shards listed in `model.safetensors.index.json`
+//! (bf16, f16 or f32 on disk), renames the official keys to the module tree, transposes the
+//! linear weights (PyTorch stores `[out, in]`) and refuses any mismatch: every missing,
+//! unexpected or mis-shaped tensor is named in one error. Saving writes the same layout back.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn::store::{
+    BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
+    SafetensorsStore,
+};
+
+use crate::config::{Backbone, PhantomConfig};
+use crate::decoder::{internlm2, qwen2};
+use crate::error::{PhantomError, Result};
+use crate::model::PhantomModel;
+
+/// Name of the single-file checkpoint.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Name of the shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Name of the configuration file.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Renames shared by every backbone: the projector's `nn.Sequential` indices.
+const PROJECTOR_LOAD: &[(&str, &str)] = &[
+    (r"^vision_proj\.0\.", "vision_proj.norm."),
+    (r"^vision_proj\.1\.", "vision_proj.fc1."),
+    (r"^vision_proj\.3\.", "vision_proj.fc2."),
+];
+const PROJECTOR_SAVE: &[(&str, &str)] = &[
+    (r"^vision_proj\.norm\.", "vision_proj.0."),
+    (r"^vision_proj\.fc1\.", "vision_proj.1."),
+    (r"^vision_proj\.fc2\.", "vision_proj.3."),
+];
+
+/// The key of a tied head, which checkpoints may or may not repeat.
+const TIED_HEAD_KEYS: &[&str] = &["language_model.lm_head.weight", "language_model.output.weight"];
+
+fn renames(backbone: Backbone, save: bool) -> Vec<(&'static str, &'static str)> {
+    let (projector, decoder) = match (backbone, save) {
+        (Backbone::InternLm2, false) => (PROJECTOR_LOAD, internlm2::LOAD_RENAMES),
+        (Backbone::InternLm2, true) => (PROJECTOR_SAVE, internlm2::SAVE_RENAMES),
+        (_, false) => (PROJECTOR_LOAD, qwen2::LOAD_RENAMES),
+        (_, true) => (PROJECTOR_SAVE, qwen2::SAVE_RENAMES),
+    };
+    projector.iter().chain(decoder).copied().collect()
+}
+
+/// The safetensors files of a checkpoint folder, in order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        return Err(PhantomError::Weights(format!(
+            "{} holds neither {WEIGHTS_FILE} nor {INDEX_FILE}",
+            dir.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&index_path).map_err(|e| PhantomError::io(&index_path, e))?;
+    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        PhantomError::Weights(format!("{}: not valid JSON: {e}", index_path.display()))
+    })?;
+    let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        PhantomError::Weights(format!("{}: no `weight_map` object", index_path.display()))
+    })?;
+    let mut shards = BTreeSet::new();
+    for (key, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            PhantomError::Weights(format!("{}: `{key}` maps to a non-string", index_path.display()))
+        })?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(PhantomError::Weights(format!(
+                "{}: shard name `{file}` must be a file in the same folder",
+                index_path.display()
+            )));
+        }
+        shards.insert(file.to_string());
+    }
+    let files: Vec<PathBuf> = shards.into_iter().map(|f| dir.join(f)).collect();
+    for file in &files {
+        if !file.is_file() {
+            return Err(PhantomError::Weights(format!(
+                "shard {} listed in {INDEX_FILE} is missing",
+                file.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// How weights are brought onto the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Float dtype of the loaded parameters (f32 unless the backend and user ask otherwise).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32 }
+    }
+}
+
+/// Loads a Hugging Face style folder (`config.json` + safetensors) onto `device`.
+pub fn load_model(dir: impl AsRef<Path>, device: &Device, options: LoadOptions) -> Result<PhantomModel> {
+    let dir = dir.as_ref();
+    let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
+    let files = weight_files(dir)?;
+    let mut model = PhantomModel::new(config, device);
+    load_weights(&mut model, &files, options)?;
+    Ok(model)
+}
+
+/// Fills `model` from safetensors `files` (one checkpoint, possibly sharded).
+pub fn load_weights(model: &mut PhantomModel, files: &[PathBuf], options: LoadOptions) -> Result<()> {
+    let backbone = model.config.llm.backbone;
+    let mut missing: Option<BTreeSet<String>> = None;
+    let mut unexpected = BTreeSet::new();
+    let mut problems = Vec::new();
+    for file in files {
+        let mut store = SafetensorsStore::from_file(file)
+            .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(options.dtype)))
+            .skip_enum_variants(true)
+            .validate(false)
+            .allow_partial(true);
+        for (from, to) in renames(backbone, false) {
+            store = store.with_key_remapping(from, to);
+        }
+        let result = model.load_from(&mut store).map_err(|e| {
+            PhantomError::Weights(format!("{}: {e}", file.display()))
+        })?;
+        let here: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
+        missing = Some(match missing {
+            None => here,
+            Some(before) => before.intersection(&here).cloned().collect(),
+        });
+        unexpected.extend(result.unused);
+        problems.extend(result.errors.iter().map(|e| e.to_string()));
+    }
+    if model.config.llm.tie_word_embeddings {
+        unexpected.retain(|key| !TIED_HEAD_KEYS.contains(&key.as_str()));
+    }
+    let missing = missing.unwrap_or_default();
+    if missing.is_empty() && unexpected.is_empty() && problems.is_empty() {
+        return Ok(());
+    }
+    let mut report = String::new();
+    for p in &problems {
+        report.push_str(&format!("  mis-shaped: {p}\n"));
+    }
+    for m in &missing {
+        report.push_str(&format!("  missing: {m}\n"));
+    }
+    for u in &unexpected {
+        report.push_str(&format!("  unexpected: {u}\n"));
+    }
+    Err(PhantomError::Weights(format!(
+        "{} problem(s) loading {}:\n{}",
+        problems.len() + missing.len() + unexpected.len(),
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+        report.trim_end()
+    )))
+}
+
+/// Writes `model` as a Hugging Face style folder in the official layout: `config.json` and a
+/// single `model.safetensors` (f32), each written to a temporary file first and renamed, so
+/// an interrupted save never leaves a half-written checkpoint.
+pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|e| PhantomError::io(dir, e))?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
+    let mut store = SafetensorsStore::from_file(&tmp)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .skip_enum_variants(true)
+        .overwrite(true)
+        .metadata("format", "pt");
+    for (from, to) in renames(model.config.llm.backbone, true) {
+        store = store.with_key_remapping(from, to);
+    }
+    model
+        .save_into(&mut store)
+        .map_err(|e| PhantomError::Weights(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &weights).map_err(|e| PhantomError::io(&weights, e))?;
+
+    let config = dir.join(CONFIG_FILE);
+    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(&model.config.to_json())
+        .map_err(|e| PhantomError::Config(format!("serialising config: {e}")))?;
+    std::fs::write(&tmp, text).map_err(|e| PhantomError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &config).map_err(|e| PhantomError::io(&config, e))?;
+    // A stale shard index next to the new single file would win on the next load.
+    let index = dir.join(INDEX_FILE);
+    if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| PhantomError::io(&index, e))?;
+    }
+    Ok(())
+}
