@@ -2,11 +2,14 @@
 //!
 //! [`session`] runs a batch through prefill and cached decode steps; [`generate`] is the one
 //! generation loop (greedy, sampling, beams, stop rules, streaming) that the CLI, a server and
-//! the browser share; [`io`] reads and writes the token-level safetensors files of the CLI.
+//! the browser share; [`chat`] adds the tokenizer, template and image processor around it;
+//! [`io`] reads and writes the token-level safetensors files of the CLI.
 
+pub mod chat;
 pub mod generate;
 pub mod io;
 pub mod session;
 
+pub use chat::Chat;
 pub use generate::{Generation, GenerationConfig, TokenEvent, generate};
 pub use session::{Session, Timings};

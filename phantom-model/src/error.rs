@@ -26,6 +26,15 @@ pub enum PhantomError {
     /// The requested backend is not compiled in or not available on this machine.
     #[error("device: {0}")]
     Device(String),
+    /// An image could not be read or is unsuitable.
+    #[error(transparent)]
+    Image(#[from] crate::processor::image::ImageError),
+    /// The tokenizer could not be loaded or lacks a token.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::processor::tokenizer::TokenizerError),
+    /// The conversation cannot be rendered into a prompt.
+    #[error(transparent)]
+    Prompt(#[from] crate::processor::prompt::PromptError),
 }
 
 impl PhantomError {

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod phantom;
+pub mod presets;
 pub mod processor;
 pub mod projector;
 pub mod vision;

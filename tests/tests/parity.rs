@@ -10,13 +10,13 @@ use phantom_model::decoder::DecoderTrace;
 use phantom_tests::*;
 
 const ATOL: f32 = 1e-4;
-/// The Qwen2 fixtures of the 0.5B architecture.
-const QWEN2: [&str; 2] = ["tiny_tied", "tiny_untied"];
+/// Every model fixture: Qwen2 (0.5B, tied and untied head), InternLM2 (1.8B/7B), Phi-3 (3.8B).
+const FIXTURES: [&str; 4] = ["tiny_tied", "tiny_untied", "internlm2_tiny", "phi3_tiny"];
 
 #[test]
 fn vision_tokens_match() {
     for (dev_name, device) in test_devices() {
-        for name in QWEN2 {
+        for name in FIXTURES {
             let fx = Fixture::open(name);
             let model = fx.model(&device);
             let pixels = vision_pixels(&device);
@@ -36,7 +36,7 @@ fn vision_tokens_match() {
 #[test]
 fn text_logits_match_at_generate_positions() {
     for (dev_name, device) in test_devices() {
-        for name in QWEN2 {
+        for name in FIXTURES {
             let fx = Fixture::open(name);
             let model = fx.model(&device);
             let input = fx.input("text");
@@ -52,7 +52,7 @@ fn text_logits_match_at_generate_positions() {
 #[test]
 fn multimodal_logits_match() {
     for (dev_name, device) in test_devices() {
-        for name in QWEN2 {
+        for name in FIXTURES {
             let fx = Fixture::open(name);
             let model = fx.model(&device);
             let input = fx.input("mm");
@@ -67,6 +67,7 @@ fn multimodal_logits_match() {
             let idx = Tensor::<1, Int>::from_data(TensorData::new(index.data.clone(), [index.data.len()]), &device);
             let logits = model.language_model.logits(hidden.select(1, idx));
             let want = fx.outputs.f32("mm.logits_selected");
+            assert_eq!(logits.dims().to_vec(), want.shape);
             assert_close(&format!("{dev_name}/{name} mm logits"), &values(logits), &want.data, None, ATOL);
         }
     }
@@ -99,7 +100,7 @@ fn check_greedy(fx: &Fixture, prefix: &str, vision: Option<Tensor<3>>, device: &
 #[test]
 fn greedy_ids_match_through_the_kv_cache() {
     for (dev_name, device) in test_devices() {
-        for name in QWEN2 {
+        for name in FIXTURES {
             let fx = Fixture::open(name);
             check_greedy(&fx, "text", None, &device, &dev_name);
             let model = fx.model(&device);
@@ -114,7 +115,7 @@ fn greedy_ids_match_through_the_kv_cache() {
 #[test]
 fn generate_loop_reproduces_the_reference_ids() {
     let (_, device) = test_devices().remove(0);
-    for name in QWEN2 {
+    for name in FIXTURES {
         let fx = Fixture::open(name);
         let model = fx.model(&device);
         let input = fx.input("text");
@@ -135,7 +136,7 @@ fn generate_loop_reproduces_the_reference_ids() {
 #[test]
 fn debug_internals_match() {
     for (dev_name, device) in test_devices() {
-        for name in QWEN2 {
+        for name in FIXTURES {
             let fx = Fixture::open(name);
             let model = fx.model(&device);
             let input = fx.input("text");
@@ -148,31 +149,41 @@ fn debug_internals_match() {
                 .forward_embeds(embeds, &input.attention_mask, &mut cache, Some(&mut trace))
                 .unwrap();
             let want = fx.outputs.f32("text.debug.hidden_states.2");
-            let keep = expand_mask(&input.attention_mask, 64);
+            let keep = expand_mask(&input.attention_mask, want.shape[2]);
             assert_close("final hidden", &values(hidden), &want.data, Some(&keep), ATOL);
 
-            let g = model.config.llm.kv_groups();
+            let (h, d) = (model.config.llm.num_attention_heads, model.config.llm.head_dim());
+            let hidden_size = model.config.llm.hidden_size;
+            let keep = expand_mask(&input.attention_mask, hidden_size);
             for (layer, tr) in trace.iter().enumerate() {
                 let key = |k: &str| format!("text.debug.layer{layer}.{k}");
                 let ctx = |k: &str| format!("{dev_name}/{name} layer {layer} {k}");
-                let keep_heads = expand_mask(&input.attention_mask, 4 * 16);
-                let keep_gate = expand_mask(&input.attention_mask, 4);
+                let keep_gate = expand_mask(&input.attention_mask, h);
                 let pv = tr.phantom.as_ref().unwrap();
-                // The reference stores per-query-head tensors (after repeat_kv); the port works
-                // on KV heads, so expand them to compare.
-                let expand = |t: Tensor<4>| {
+                // Qwen2 and Phi-3 store per-query-head tensors (taken after repeat_kv),
+                // InternLM2 per-KV-head ones; the port works on KV heads, so expand to compare
+                // where the reference has more heads.
+                let like = |t: Tensor<4>, reference: &str| {
+                    let want = fx.outputs.f32(reference);
                     let [b, s, hkv, d] = t.dims();
-                    t.unsqueeze_dim::<5>(3).repeat_dim(3, g).reshape([b, s, hkv * g, d])
+                    let g = want.shape[2] / hkv;
+                    let t = t.unsqueeze_dim::<5>(3).repeat_dim(3, g).reshape([b, s, hkv * g, d]);
+                    (values(t), want)
                 };
-                assert_close(&ctx("phantom_q"), &values(pv.q.clone()), &fx.outputs.f32(&key("phantom_q")).data, None, ATOL);
-                assert_close(&ctx("phantom_k"), &values(expand(pv.k.clone())), &fx.outputs.f32(&key("phantom_k")).data, None, ATOL);
-                assert_close(&ctx("phantom_v"), &values(expand(pv.v.clone())), &fx.outputs.f32(&key("phantom_v")).data, None, ATOL);
-                let xq = tr.xattn_query.clone().unwrap();
-                assert_close(&ctx("xattn q"), &values(xq), &fx.outputs.f32(&key("xattn_query_phantom.out")).data, Some(&keep_heads), 1e-6);
-                let xk = expand(tr.xattn_key.clone().unwrap());
-                assert_close(&ctx("xattn k"), &values(xk), &fx.outputs.f32(&key("xattn_key_phantom.out")).data, Some(&keep_heads), 1e-6);
-                let xv = expand(tr.xattn_value.clone().unwrap());
-                assert_close(&ctx("xattn v"), &values(xv), &fx.outputs.f32(&key("xattn_value_phantom.out")).data, Some(&keep_heads), ATOL);
+                let keep_of = |heads: usize| expand_mask(&input.attention_mask, heads * d);
+                for (what, got) in [("phantom_q", &pv.q), ("phantom_k", &pv.k), ("phantom_v", &pv.v)] {
+                    let (got, want) = like(got.clone(), &key(what));
+                    assert_close(&ctx(what), &got, &want.data, None, ATOL);
+                }
+                // The XAttention outputs are η·Y ≈ 1e-4 in size: compare them tightly.
+                for (what, got, tol) in [
+                    ("xattn_query_phantom.out", tr.xattn_query.clone(), 1e-6),
+                    ("xattn_key_phantom.out", tr.xattn_key.clone(), 1e-6),
+                    ("xattn_value_phantom.out", tr.xattn_value.clone(), ATOL),
+                ] {
+                    let (got, want) = like(got.unwrap(), &key(what));
+                    assert_close(&ctx(what), &got, &want.data, Some(&keep_of(want.shape[2])), tol);
+                }
                 assert_close(&ctx("gate 1"), &values(tr.gate_1.clone().unwrap()), &fx.outputs.f32(&key("gating_phantom_1.out")).data, Some(&keep_gate), ATOL);
                 assert_close(&ctx("gate 2"), &values(tr.gate_2.clone().unwrap()), &fx.outputs.f32(&key("gating_phantom_2.out")).data, Some(&keep_gate), ATOL);
                 assert_close(&ctx("attn out"), &values(tr.out.clone().unwrap()), &fx.outputs.f32(&key("self_attn.out")).data, Some(&keep), ATOL);

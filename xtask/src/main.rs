@@ -21,6 +21,19 @@ enum Task {
         #[arg(long)]
         no_wgpu: bool,
     },
+    /// Side-by-side CPU benchmark: this project on each CPU backend and a plain-PyTorch
+    /// reference of the same shapes, with the memory-bandwidth bound of decoding.
+    BenchInfer {
+        /// Model sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "0.5b")]
+        sizes: Vec<String>,
+        /// Decode steps per context (the first is a warm-up).
+        #[arg(long, default_value_t = 9)]
+        decode_steps: usize,
+        /// Skip the PyTorch reference.
+        #[arg(long)]
+        no_torch: bool,
+    },
 }
 
 fn cargo() -> Command {
@@ -32,6 +45,92 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("starting {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command and parses the JSON object it prints last on stdout.
+fn json_of(mut cmd: Command, what: &str) -> anyhow::Result<serde_json::Value> {
+    eprintln!("xtask: {what}");
+    let out = cmd.output().with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("{what} printed no JSON: {text}"))
+}
+
+fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "phantom-infer", "--features", "flex,ndarray"]);
+    run(build, "building phantom-infer (release, flex + ndarray)")?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let bin = std::path::Path::new(&target).join("release/phantom-infer");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let columns = [
+        ("vision_ms_per_tile", "vision ms/tile"),
+        ("prefill_tokens_per_s", "prefill tok/s (128)"),
+        ("decode_tokens_per_s_128", "decode tok/s @128"),
+        ("decode_tokens_per_s_1024", "decode tok/s @1024"),
+        ("peak_rss_mb", "peak RSS MiB"),
+    ];
+    for size in sizes {
+        let mut rows: Vec<(String, serde_json::Value)> = Vec::new();
+        for device in ["flex", "ndarray"] {
+            let mut cmd = Command::new(&bin);
+            cmd.args(["bench", "--size", size, "--device", device, "--decode-steps"])
+                .arg(decode_steps.to_string());
+            rows.push((device.to_string(), json_of(cmd, &format!("bench {size} on {device}"))?));
+        }
+        let torch = if no_torch {
+            None
+        } else {
+            let setup = root.join("xtask/bench/setup_venv.sh");
+            let out = Command::new("bash").arg(&setup).output().context("setting up the PyTorch venv")?;
+            if !out.status.success() {
+                bail!("{} failed: {}", setup.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            let python = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("python3").trim().to_string();
+            let mut cmd = Command::new(python);
+            cmd.arg(root.join("xtask/bench/torch_phantom.py"))
+                .args(["--size", size, "--decode-steps"])
+                .arg(decode_steps.to_string());
+            Some(json_of(cmd, &format!("PyTorch reference {size}"))?)
+        };
+        if let Some(t) = &torch {
+            rows.push(("pytorch".into(), t.clone()));
+        }
+        let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
+        println!("\n### Phantom-{size} shapes, f32, this machine ({} threads)\n", std::thread::available_parallelism().map_or(0, |n| n.get()));
+        let mut header = String::from("| backend |");
+        let mut rule = String::from("|---|");
+        for (_, name) in columns {
+            header.push_str(&format!(" {name} |"));
+            rule.push_str("---|");
+        }
+        println!("{header}\n{rule}");
+        for (name, v) in &rows {
+            let mut line = format!("| {name} |");
+            for (key, _) in columns {
+                match (get(v, key), torch.as_ref().and_then(|t| get(t, key))) {
+                    (Some(x), Some(t)) if name != "pytorch" && t > 0.0 => {
+                        line.push_str(&format!(" {x:.1} ({:.2}×) |", x / t))
+                    }
+                    (Some(x), _) => line.push_str(&format!(" {x:.1} |")),
+                    (None, _) => line.push_str(" – |"),
+                }
+            }
+            println!("{line}");
+        }
+        if let Some((_, first)) = rows.first() {
+            println!(
+                "\nDecode bound: {:.0} MB of f32 decoder weights per token ÷ {:.1} GB/s copy bandwidth (read + write) = {:.1} tok/s.\n(×) is ours ÷ PyTorch: above 1 is faster for tokens/s, slower for ms and memory.",
+                get(first, "weight_bytes_per_token").unwrap_or(0.0) / 1e6,
+                get(first, "copy_bandwidth_gbs").unwrap_or(0.0),
+                get(first, "decode_bound_tokens_per_s").unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }
@@ -51,5 +150,6 @@ fn main() -> anyhow::Result<()> {
             run(test, &format!("cargo test --workspace --features {features}"))?;
             Ok(())
         }
+        Task::BenchInfer { sizes, decode_steps, no_torch } => bench_infer(&sizes, decode_steps, no_torch),
     }
 }

@@ -1,5 +1,10 @@
 //! The `phantom-infer` subcommands.
 
+mod bench;
+mod chat;
+mod convert;
+mod init;
+mod preprocess;
 mod tokens;
 
 use std::path::PathBuf;
@@ -23,6 +28,16 @@ enum Command {
     Forward(tokens::ForwardArgs),
     /// Greedy continuation of a token batch with the KV cache; prints JSON on stdout.
     Generate(tokens::GenerateArgs),
+    /// Ask about images: one-shot with --prompt, otherwise an interactive session.
+    Chat(chat::ChatArgs),
+    /// An image through the released tiling and normalisation → pixel_values.
+    Preprocess(preprocess::PreprocessArgs),
+    /// Speed and memory of a released size (random weights) on one backend, as JSON.
+    Bench(bench::BenchArgs),
+    /// Write a randomly initialised checkpoint of a released size in the official layout.
+    Init(init::InitArgs),
+    /// Convert a SentencePiece tokenizer.model (Phantom-1.8B/-7B) into tokenizer.json.
+    ConvertTokenizer(convert::ConvertArgs),
 }
 
 /// Options every model-running subcommand takes.
@@ -51,6 +66,11 @@ impl Cli {
         match self.command {
             Command::Forward(args) => tokens::forward(args),
             Command::Generate(args) => tokens::generate(args),
+            Command::Chat(args) => chat::chat(args),
+            Command::Preprocess(args) => preprocess::preprocess(args),
+            Command::Bench(args) => bench::bench(args),
+            Command::Init(args) => init::init(args),
+            Command::ConvertTokenizer(args) => convert::convert(args),
         }
     }
 }

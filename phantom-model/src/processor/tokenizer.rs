@@ -6,7 +6,7 @@
 //! always complete UTF-8 characters.
 //!
 //! Only `tokenizer.json` files are supported. The InternLM2 checkpoints (Phantom-1.8B/7B) ship a
-//! sentencepiece `tokenizer.model` instead; it has to be converted to `tokenizer.json` first.
+//! sentencepiece `tokenizer.model` instead; [`super::sentencepiece::convert_file`] (`phantom-infer convert-tokenizer`) writes the `tokenizer.json` once.
 
 use std::path::{Path, PathBuf};
 

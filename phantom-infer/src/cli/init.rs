@@ -1,0 +1,32 @@
+//! `phantom-infer init`: a randomly initialised checkpoint of a released size in the official
+//! layout, for trying the tools on the real shapes without downloading weights.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use phantom_model::{PhantomConfig, PhantomModel};
+
+/// Arguments of `init`.
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Model size: 0.5b, 1.8b, 3.8b or 7b.
+    #[arg(long, default_value = "0.5b")]
+    size: String,
+    /// Output folder (config.json + model.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `phantom-infer init`.
+pub fn init(args: InitArgs) -> anyhow::Result<()> {
+    let json = phantom_model::presets::config_json(&args.size).ok_or_else(|| {
+        anyhow::anyhow!("unknown size `{}`; expected one of {:?}", args.size, phantom_model::presets::SIZES)
+    })?;
+    let config = PhantomConfig::from_json(&json.to_string())?;
+    let device = phantom_model::device::device(Some("flex"))
+        .or_else(|_| phantom_model::device::device(None))?;
+    let model = PhantomModel::new(config, &device);
+    phantom_model::save_model(&model, &args.out)?;
+    eprintln!("wrote a random {} checkpoint to {}", args.size, args.out.display());
+    Ok(())
+}

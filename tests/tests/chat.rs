@@ -1,0 +1,58 @@
+//! End to end as a user runs it: a picture and a question through the image processor, the
+//! chat template, the tokenizer and the model, reproducing the official demo run on the tiny
+//! fixture model (`demo.*` in the fixtures: astronaut.png, "Describe the image in detail.").
+
+use std::ops::ControlFlow;
+
+use phantom_infer::{Chat, GenerationConfig};
+use phantom_model::processor::image::ImageProcessor;
+use phantom_model::processor::prompt::Turn;
+use phantom_model::processor::tokenizer::Tokenizer;
+use phantom_tests::*;
+
+/// The fixture model with the toy tokenizer its reference run used (bytes ↦ id + 16).
+fn toy_chat(fixture: &Fixture) -> Chat {
+    let device = test_devices().remove(0).1;
+    let model = fixture.model(&device);
+    let toy = if fixture.name.starts_with("phi3") { "toy_tokenizer_phi3" } else { "toy_tokenizer" };
+    let tokenizer = Tokenizer::from_file(fixtures().join(format!("../{toy}/tokenizer.json"))).unwrap();
+    Chat::new(model, tokenizer).unwrap()
+}
+
+#[test]
+fn demo_prompt_and_greedy_answer_match_the_official_run() {
+    for name in ["tiny_tied", "tiny_untied", "internlm2_tiny", "phi3_tiny"] {
+        let fx = Fixture::open(name);
+        let chat = toy_chat(&fx);
+        let image = ImageProcessor::default().open(fixtures().join("images/astronaut.png")).unwrap();
+        let turns = [Turn::question("Describe the image in detail.")];
+        let prepared = chat.prepare(&turns, std::slice::from_ref(&image)).unwrap();
+        let want_ids: Vec<u32> = fx.outputs.i64("demo.input_ids").data.iter().map(|&i| i as u32).collect();
+        assert_eq!(prepared.input.input_ids[0], want_ids, "{name}: prompt ids");
+        assert_eq!(prepared.pixels.as_ref().unwrap().num_tiles, 1);
+
+        let config = GenerationConfig::greedy(8, vec![]);
+        let mut streamed = String::new();
+        let (text, generation) = chat
+            .answer(&turns, &[image], &config, |piece| {
+                streamed.push_str(piece);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        let want: Vec<u32> = fx.outputs.i64("demo.gen.sequences").data.iter().map(|&i| i as u32).collect();
+        assert_eq!(generation.sequences[0], want, "{name}: greedy ids");
+        assert_eq!(text, streamed, "{name}: streamed text is the answer");
+        assert_eq!(text, chat.tokenizer.decode_skip_special(&want).unwrap());
+        assert_eq!(generation.timings.tiles, 1);
+    }
+}
+
+#[test]
+fn multi_turn_prompts_render_previous_answers() {
+    let fx = Fixture::open("tiny_tied");
+    let chat = toy_chat(&fx);
+    let turns = [Turn::answered("Hi", "Hello"), Turn::question("Bye")];
+    let prepared = chat.prepare(&turns, &[]).unwrap();
+    let text = chat.tokenizer.decode(&prepared.input.input_ids[0]).unwrap();
+    assert_eq!(text, "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|><|im_start|>user\nBye<|im_end|><|im_start|>assistant\n");
+}
