@@ -188,8 +188,26 @@ impl DeviceSpec {
     }
 }
 
+/// A wgpu runtime can be registered once per process: later requests for the same device get
+/// the one already started.
 #[cfg(feature = "wgpu")]
 fn wgpu_init(spec: &DeviceSpec) -> Result<Device> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    static STARTED: OnceLock<Mutex<HashMap<String, Device>>> = OnceLock::new();
+    let started = STARTED.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut started = started.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(device) = started.get(&spec.to_string()) {
+        return Ok(device.clone());
+    }
+    let device = wgpu_start(spec)?;
+    started.insert(spec.to_string(), device.clone());
+    Ok(device)
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_start(spec: &DeviceSpec) -> Result<Device> {
     use burn::tensor::DeviceKind;
     use burn::tensor::wgpu::WgpuBackend;
 
