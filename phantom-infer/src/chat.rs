@@ -41,7 +41,13 @@ impl Chat {
     /// Pairs `model` with the `tokenizer.json` of `dir`.
     pub fn new(model: PhantomModel, tokenizer: Tokenizer) -> Result<Self> {
         let template = Template::from_architecture(model.config.llm.backbone.architecture())?;
-        Ok(Self { model, tokenizer, template, processor: ImageProcessor::default(), bf16_pixels: true })
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            processor: ImageProcessor::default(),
+            bf16_pixels: true,
+        })
     }
 
     /// Loads `dir/tokenizer.json` for `model`.
@@ -77,13 +83,21 @@ impl Chat {
         if let Some(p) = pixels.as_mut().filter(|_| self.bf16_pixels) {
             round_to_bf16(&mut p.data);
         }
-        let ids = self.template.encode(&self.tokenizer, &turns, &tiles_per_image)?;
-        Ok(Prepared { input: ModelInput::unpadded(vec![ids]), pixels })
+        let ids = self
+            .template
+            .encode(&self.tokenizer, &turns, &tiles_per_image)?;
+        Ok(Prepared {
+            input: ModelInput::unpadded(vec![ids]),
+            pixels,
+        })
     }
 
     /// Pixel tiles as a device tensor.
     pub fn pixel_tensor(&self, pixels: &PixelValues) -> Tensor<4> {
-        Tensor::from_data(TensorData::new(pixels.data.clone(), pixels.shape()), &self.model.device())
+        Tensor::from_data(
+            TensorData::new(pixels.data.clone(), pixels.shape()),
+            &self.model.device(),
+        )
     }
 
     /// Stop tokens: the config's eos ids and the template's end token.
@@ -114,25 +128,34 @@ impl Chat {
         if config.stop_token_ids.is_empty() {
             config.stop_token_ids = stops.clone();
         }
-        let mut decoder = self.tokenizer.incremental_decoder().skip_special_tokens(true);
+        let mut decoder = self
+            .tokenizer
+            .incremental_decoder()
+            .skip_special_tokens(true);
         let mut text = String::new();
         let mut failure = None;
-        let generation = generate(&self.model, &prepared.input, pixels, &config, |TokenEvent { token, .. }| {
-            if stops.contains(&token) {
-                return ControlFlow::Continue(());
-            }
-            match decoder.step(token) {
-                Ok(Some(piece)) => {
-                    text.push_str(&piece);
-                    on_text(&piece)
+        let generation = generate(
+            &self.model,
+            &prepared.input,
+            pixels,
+            &config,
+            |TokenEvent { token, .. }| {
+                if stops.contains(&token) {
+                    return ControlFlow::Continue(());
                 }
-                Ok(None) => ControlFlow::Continue(()),
-                Err(e) => {
-                    failure = Some(e);
-                    ControlFlow::Break(())
+                match decoder.step(token) {
+                    Ok(Some(piece)) => {
+                        text.push_str(&piece);
+                        on_text(&piece)
+                    }
+                    Ok(None) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        failure = Some(e);
+                        ControlFlow::Break(())
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         if let Some(e) = failure {
             return Err(e.into());
         }

@@ -50,7 +50,11 @@ impl Default for GenerationConfig {
 impl GenerationConfig {
     /// Greedy decoding of at most `max_new_tokens`, stopping at `stop_token_ids`.
     pub fn greedy(max_new_tokens: usize, stop_token_ids: Vec<u32>) -> Self {
-        Self { max_new_tokens, stop_token_ids, ..Self::default() }
+        Self {
+            max_new_tokens,
+            stop_token_ids,
+            ..Self::default()
+        }
     }
 
     /// Rejects settings that make no sense.
@@ -63,13 +67,18 @@ impl GenerationConfig {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         if self.num_beams == 0 {
             return bad("num_beams must be at least 1".into());
         }
         if self.num_beams > 1 && self.temperature > 0.0 {
-            return bad("beam search is deterministic: use temperature 0 with num_beams > 1".into());
+            return bad(
+                "beam search is deterministic: use temperature 0 with num_beams > 1".into(),
+            );
         }
         Ok(())
     }
@@ -139,7 +148,10 @@ fn sample_loop(
     let mut sequences = vec![Vec::new(); b];
     if config.max_new_tokens == 0 {
         input.validate(model.config.llm.vocab_size)?;
-        return Ok(Generation { sequences, timings: Timings::default() });
+        return Ok(Generation {
+            sequences,
+            timings: Timings::default(),
+        });
     }
     let (mut session, mut logits) = Session::prefill(model, input, pixel_values)?;
     let mut rng = StdRng::seed_from_u64(config.seed);
@@ -147,7 +159,13 @@ fn sample_loop(
         .input_ids
         .iter()
         .zip(&input.attention_mask)
-        .map(|(ids, mask)| ids.iter().zip(mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect())
+        .map(|(ids, mask)| {
+            ids.iter()
+                .zip(mask)
+                .filter(|(_, m)| **m)
+                .map(|(i, _)| *i)
+                .collect()
+        })
         .collect();
     let mut done = vec![false; b];
     // A finished row keeps being fed a stop token (its output is ignored), as batches must
@@ -173,11 +191,15 @@ fn sample_loop(
         if stop || done.iter().all(|&d| d) || step + 1 == config.max_new_tokens {
             break;
         }
-        let feed: Vec<u32> =
-            (0..b).map(|row| if done[row] { filler } else { next[row] }).collect();
+        let feed: Vec<u32> = (0..b)
+            .map(|row| if done[row] { filler } else { next[row] })
+            .collect();
         logits = session.step(&feed)?;
     }
-    Ok(Generation { sequences, timings: session.timings })
+    Ok(Generation {
+        sequences,
+        timings: session.timings,
+    })
 }
 
 /// Picks one token per row from next-token logits `[B, V]`.
@@ -191,7 +213,9 @@ fn choose(
     if config.temperature == 0.0 && config.repetition_penalty == 1.0 {
         // Greedy needs only the argmax; keep the logits on the device.
         let ids = logits.argmax(1).into_data().convert::<i64>();
-        let ids = ids.try_to_vec::<i64>().map_err(|e| PhantomError::Input(format!("{e:?}")))?;
+        let ids = ids
+            .try_to_vec::<i64>()
+            .map_err(|e| PhantomError::Input(format!("{e:?}")))?;
         return Ok(ids.into_iter().map(|i| i as u32).collect());
     }
     let host = logits
@@ -209,7 +233,12 @@ fn choose(
 
 /// Applies the repetition penalty, temperature, top-k and top-p to one row, then samples
 /// (or takes the argmax when the temperature is 0).
-pub fn sample_row(mut scores: Vec<f32>, seen: &[u32], config: &GenerationConfig, rng: &mut impl Rng) -> u32 {
+pub fn sample_row(
+    mut scores: Vec<f32>,
+    seen: &[u32],
+    config: &GenerationConfig,
+    rng: &mut impl Rng,
+) -> u32 {
     if config.repetition_penalty != 1.0 {
         let p = config.repetition_penalty;
         let mut seen: Vec<u32> = seen.to_vec();
@@ -233,7 +262,10 @@ pub fn sample_row(mut scores: Vec<f32>, seen: &[u32], config: &GenerationConfig,
         order.truncate(config.top_k);
     }
     let max = scores[order[0]];
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((scores[i] - max) as f64).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((scores[i] - max) as f64).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if config.top_p < 1.0 {
@@ -296,8 +328,14 @@ fn beam_search(
     session.select_rows(&rows);
     let mut logprobs = host_log_softmax(logits)?;
     // Only the first beam of a row is live at the start, so identical beams are not kept.
-    let mut beams: Vec<Vec<Hypothesis>> =
-        (0..b).map(|_| vec![Hypothesis { tokens: Vec::new(), score: 0.0 }]).collect();
+    let mut beams: Vec<Vec<Hypothesis>> = (0..b)
+        .map(|_| {
+            vec![Hypothesis {
+                tokens: Vec::new(),
+                score: 0.0,
+            }]
+        })
+        .collect();
     logprobs = (0..b).flat_map(|r| vec![logprobs[r].clone(); k]).collect();
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
@@ -348,7 +386,9 @@ fn beam_search(
             finished[row].truncate(k);
             let best_live = live.first().map(normalised).unwrap_or(f64::NEG_INFINITY);
             if finished[row].len() == k
-                && finished[row].last().is_some_and(|h| normalised(h) >= best_live)
+                && finished[row]
+                    .last()
+                    .is_some_and(|h| normalised(h) >= best_live)
             {
                 done[row] = true;
             }
@@ -372,10 +412,16 @@ fn beam_search(
             let mut pool = finished[row].clone();
             pool.extend(beams[row].iter().cloned());
             pool.sort_by(|a, b| normalised(b).total_cmp(&normalised(a)));
-            pool.into_iter().next().map(|h| h.tokens).unwrap_or_default()
+            pool.into_iter()
+                .next()
+                .map(|h| h.tokens)
+                .unwrap_or_default()
         })
         .collect();
-    Ok(Generation { sequences, timings: session.timings })
+    Ok(Generation {
+        sequences,
+        timings: session.timings,
+    })
 }
 
 fn host_log_softmax(logits: Tensor<2>) -> Result<Vec<Vec<f32>>> {

@@ -33,18 +33,37 @@ fn bad(path: &Path, msg: impl std::fmt::Display) -> PhantomError {
 /// Reads an inputs file.
 pub fn read_inputs(path: &Path) -> Result<InputsFile> {
     let bytes = std::fs::read(path).map_err(|e| PhantomError::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
     let ints = |key: &str| -> Result<Option<(Vec<usize>, Vec<i64>)>> {
-        let Ok(t) = st.tensor(key) else { return Ok(None) };
+        let Ok(t) = st.tensor(key) else {
+            return Ok(None);
+        };
         let shape = t.shape().to_vec();
         let data: Vec<i64> = match t.dtype() {
-            Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-            Dtype::I32 => t.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64).collect(),
+            Dtype::I64 => t
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            Dtype::I32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
+                .collect(),
             Dtype::U8 | Dtype::BOOL => t.data().iter().map(|&b| b as i64).collect(),
-            other => return Err(bad(path, format!("`{key}` must be an integer tensor, found {other:?}"))),
+            other => {
+                return Err(bad(
+                    path,
+                    format!("`{key}` must be an integer tensor, found {other:?}"),
+                ));
+            }
         };
         if shape.len() != 2 {
-            return Err(bad(path, format!("`{key}` must be [B, T], found {shape:?}")));
+            return Err(bad(
+                path,
+                format!("`{key}` must be [B, T], found {shape:?}"),
+            ));
         }
         Ok(Some((shape, data)))
     };
@@ -53,7 +72,10 @@ pub fn read_inputs(path: &Path) -> Result<InputsFile> {
     let mask = match ints("attention_mask")? {
         Some((mshape, mask)) if mshape == shape => mask,
         Some((mshape, _)) => {
-            return Err(bad(path, format!("`attention_mask` is {mshape:?} but `input_ids` is {shape:?}")));
+            return Err(bad(
+                path,
+                format!("`attention_mask` is {mshape:?} but `input_ids` is {shape:?}"),
+            ));
         }
         None => vec![1; b * t],
     };
@@ -62,29 +84,63 @@ pub fn read_inputs(path: &Path) -> Result<InputsFile> {
     for row in 0..b {
         let ids_row = &ids[row * t..(row + 1) * t];
         if let Some(&neg) = ids_row.iter().find(|&&i| i < 0 || i > u32::MAX as i64) {
-            return Err(bad(path, format!("row {row} holds the invalid token id {neg}")));
+            return Err(bad(
+                path,
+                format!("row {row} holds the invalid token id {neg}"),
+            ));
         }
         input_ids.push(ids_row.iter().map(|&i| i as u32).collect());
-        attention_mask.push(mask[row * t..(row + 1) * t].iter().map(|&m| m != 0).collect());
+        attention_mask.push(
+            mask[row * t..(row + 1) * t]
+                .iter()
+                .map(|&m| m != 0)
+                .collect(),
+        );
     }
     let pixel_values = match st.tensor("pixel_values") {
         Err(_) => None,
         Ok(view) => {
             let s = view.shape();
             if s.len() != 4 || s[1] != 3 {
-                return Err(bad(path, format!("`pixel_values` must be [N, 3, H, W], found {s:?}")));
+                return Err(bad(
+                    path,
+                    format!("`pixel_values` must be [N, 3, H, W], found {s:?}"),
+                ));
             }
             let raw = view.data();
             let data: Vec<f32> = match view.dtype() {
-                Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                other => return Err(bad(path, format!("`pixel_values` must be f32, bf16 or f16, found {other:?}"))),
+                Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(bad(
+                        path,
+                        format!("`pixel_values` must be f32, bf16 or f16, found {other:?}"),
+                    ));
+                }
             };
-            Some(Pixels { shape: [s[0], s[1], s[2], s[3]], data })
+            Some(Pixels {
+                shape: [s[0], s[1], s[2], s[3]],
+                data,
+            })
         }
     };
-    Ok(InputsFile { input: ModelInput { input_ids, attention_mask }, pixel_values })
+    Ok(InputsFile {
+        input: ModelInput {
+            input_ids,
+            attention_mask,
+        },
+        pixel_values,
+    })
 }
 
 /// Writes f32 tensors (name → shape, values) to a safetensors file, atomically.

@@ -66,7 +66,12 @@ impl<'m> Session<'m> {
             )));
         }
         let mut timings = Timings {
-            prompt_tokens: input.attention_mask.iter().flatten().filter(|&&m| m).count(),
+            prompt_tokens: input
+                .attention_mask
+                .iter()
+                .flatten()
+                .filter(|&&m| m)
+                .count(),
             ..Timings::default()
         };
         let start = Instant::now();
@@ -76,7 +81,14 @@ impl<'m> Session<'m> {
         let logits = last_logits(model, hidden);
         sync(&logits);
         timings.prefill = start.elapsed();
-        Ok((Self { model, cache, timings }, logits))
+        Ok((
+            Self {
+                model,
+                cache,
+                timings,
+            },
+            logits,
+        ))
     }
 
     /// Feeds one token per row and returns the next-token logits `[B, V]`.
@@ -85,7 +97,8 @@ impl<'m> Session<'m> {
         let input = ModelInput::unpadded(tokens.iter().map(|&t| vec![t]).collect());
         let embeds = self.model.embed(&input, None)?;
         let hidden =
-            self.model.forward_embeds(embeds, &input.attention_mask, &mut self.cache, None)?;
+            self.model
+                .forward_embeds(embeds, &input.attention_mask, &mut self.cache, None)?;
         let logits = last_logits(self.model, hidden);
         sync(&logits);
         self.timings.decode += start.elapsed();

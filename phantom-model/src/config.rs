@@ -203,9 +203,7 @@ impl PhantomConfig {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| PhantomError::io(path, e))?;
         Self::from_json(&text).map_err(|e| match e {
-            PhantomError::Config(msg) => {
-                PhantomError::Config(format!("{}: {msg}", path.display()))
-            }
+            PhantomError::Config(msg) => PhantomError::Config(format!("{}: {msg}", path.display())),
             other => other,
         })
     }
@@ -348,7 +346,10 @@ impl RawVision {
             return bad("qk_normalization = true is not supported".into());
         }
         if self.hidden_act != "gelu" {
-            return bad(format!("hidden_act `{}` is not supported (only gelu)", self.hidden_act));
+            return bad(format!(
+                "hidden_act `{}` is not supported (only gelu)",
+                self.hidden_act
+            ));
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return bad(format!(
@@ -366,7 +367,10 @@ impl RawVision {
             return bad("the patch grid must be even for pixel shuffle 0.5".into());
         }
         if self.num_channels != 3 {
-            return bad(format!("num_channels {} is not supported (RGB only)", self.num_channels));
+            return bad(format!(
+                "num_channels {} is not supported (RGB only)",
+                self.num_channels
+            ));
         }
         Ok(VisionConfig {
             hidden_size: self.hidden_size,
@@ -433,7 +437,10 @@ impl RawLlm {
         };
         let backbone = Backbone::from_architecture(arch)?;
         if self.hidden_act != "silu" {
-            return bad(format!("hidden_act `{}` is not supported (only silu)", self.hidden_act));
+            return bad(format!(
+                "hidden_act `{}` is not supported (only silu)",
+                self.hidden_act
+            ));
         }
         let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0
@@ -502,7 +509,11 @@ fn parse_rope_scaling(
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
     };
-    let bad = |msg: String| Err(PhantomError::Config(format!("llm_config.rope_scaling: {msg}")));
+    let bad = |msg: String| {
+        Err(PhantomError::Config(format!(
+            "llm_config.rope_scaling: {msg}"
+        )))
+    };
     let kind = value
         .get("type")
         .or_else(|| value.get("rope_type"))

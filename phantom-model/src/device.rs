@@ -38,7 +38,8 @@ pub enum DeviceSpec {
 }
 
 /// Every device name `--device` accepts, for help texts.
-pub const DEVICE_NAMES: &str = "flex, ndarray, wgpu, wgpu-cpu, vulkan, metal, dx12, gl, tch, tch-cuda:N, cuda:N";
+pub const DEVICE_NAMES: &str =
+    "flex, ndarray, wgpu, wgpu-cpu, vulkan, metal, dx12, gl, tch, tch-cuda:N, cuda:N";
 
 impl FromStr for DeviceSpec {
     type Err = PhantomError;
@@ -197,7 +198,9 @@ fn wgpu_init(spec: &DeviceSpec) -> Result<Device> {
 
     static STARTED: OnceLock<Mutex<HashMap<String, Device>>> = OnceLock::new();
     let started = STARTED.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut started = started.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut started = started
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(device) = started.get(&spec.to_string()) {
         return Ok(device.clone());
     }

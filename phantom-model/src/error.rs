@@ -40,7 +40,10 @@ pub enum PhantomError {
 impl PhantomError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Self::Io { path: path.as_ref().to_path_buf(), source }
+        Self::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
 }
 

@@ -37,7 +37,10 @@ impl ModelInput {
     /// A batch without padding.
     pub fn unpadded(input_ids: Vec<Vec<u32>>) -> Self {
         let attention_mask = input_ids.iter().map(|row| vec![true; row.len()]).collect();
-        Self { input_ids, attention_mask }
+        Self {
+            input_ids,
+            attention_mask,
+        }
     }
 
     /// Left-pads rows of different lengths with `pad_id`.
@@ -52,12 +55,18 @@ impl ModelInput {
             ids.extend(row);
             input_ids.push(ids);
         }
-        Self { input_ids, attention_mask }
+        Self {
+            input_ids,
+            attention_mask,
+        }
     }
 
     /// `(B, T)`.
     pub fn dims(&self) -> (usize, usize) {
-        (self.input_ids.len(), self.input_ids.first().map_or(0, Vec::len))
+        (
+            self.input_ids.len(),
+            self.input_ids.first().map_or(0, Vec::len),
+        )
     }
 
     /// Checks shapes and ids: rectangular, mask matching, ids inside the vocabulary, at least
@@ -142,7 +151,9 @@ impl PhantomModel {
                 pixel_values.dims()[0]
             )));
         }
-        Ok(self.vision_proj.forward(self.vision_model.forward(pixel_values)))
+        Ok(self
+            .vision_proj
+            .forward(self.vision_model.forward(pixel_values)))
     }
 
     /// Token embeddings with the `<IMG_CONTEXT>` rows replaced, in (row, position) order, by
@@ -151,7 +162,12 @@ impl PhantomModel {
         input.validate(self.config.llm.vocab_size)?;
         let (b, t) = input.dims();
         let device = self.device();
-        let flat: Vec<i64> = input.input_ids.iter().flatten().map(|&id| id as i64).collect();
+        let flat: Vec<i64> = input
+            .input_ids
+            .iter()
+            .flatten()
+            .map(|&id| id as i64)
+            .collect();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
         let embeds = self.language_model.embed(ids);
         let image_id = self.config.image_token_index;
@@ -213,11 +229,17 @@ impl PhantomModel {
                 "sequence of {total} tokens exceeds the model's context of {limit}"
             )));
         }
-        Ok(self.language_model.forward(embeds, attention_mask, &self.rope(), cache, trace))
+        Ok(self
+            .language_model
+            .forward(embeds, attention_mask, &self.rope(), cache, trace))
     }
 
     /// Full forward from ids (and optional pixel tiles) to logits `[B, T, V]`, no cache kept.
-    pub fn forward(&self, input: &ModelInput, pixel_values: Option<Tensor<4>>) -> Result<Tensor<3>> {
+    pub fn forward(
+        &self,
+        input: &ModelInput,
+        pixel_values: Option<Tensor<4>>,
+    ) -> Result<Tensor<3>> {
         let vision = pixel_values.map(|p| self.encode_images(p)).transpose()?;
         let embeds = self.embed(input, vision)?;
         let mut cache = self.new_cache(input.dims().0);

@@ -30,8 +30,17 @@ pub struct XAttention {
 impl XAttention {
     /// A fresh module for head width `d`.
     pub fn new(head_dim: usize, device: &Device) -> Self {
-        let linear = || LinearConfig::new(head_dim, head_dim).with_bias(false).init(device);
-        Self { linear_q: linear(), linear_k: linear(), linear_v: linear(), linear_o: linear() }
+        let linear = || {
+            LinearConfig::new(head_dim, head_dim)
+                .with_bias(false)
+                .init(device)
+        };
+        Self {
+            linear_q: linear(),
+            linear_k: linear(),
+            linear_v: linear(),
+            linear_o: linear(),
+        }
     }
 
     /// `Y = gelu(softmax(gelu(a·Wq) · gelu(c·Wk)ᵀ / √d) · gelu(c·Wv) · Wo)`.
@@ -73,13 +82,15 @@ impl PhantomVectors {
                 .iter()
                 .flat_map(|&p| std::iter::repeat_n(p as i64, h * d))
                 .collect();
-            let index = Tensor::<4, Int>::from_data(
-                TensorData::new(index, [b, 1, h, d]),
-                &x.device(),
-            );
+            let index =
+                Tensor::<4, Int>::from_data(TensorData::new(index, [b, 1, h, d]), &x.device());
             x.clone().gather(1, index)
         };
-        Self { q: pick(q), k: pick(k), v: pick(v) }
+        Self {
+            q: pick(q),
+            k: pick(k),
+            v: pick(v),
+        }
     }
 
     /// Keeps only the given rows (beam reordering, finished rows dropped).
@@ -125,7 +136,9 @@ impl PhantomDimension {
 
     /// `q' = [q ‖ η·Xq(q, q̂)]`, `[B, T, H, d] → [B, T, H, 2d]`.
     pub fn widen_query(&self, q: Tensor<4>, phantom: &PhantomVectors) -> Tensor<4> {
-        let extra = self.xattn_query_phantom.forward(q.clone(), phantom.q.clone());
+        let extra = self
+            .xattn_query_phantom
+            .forward(q.clone(), phantom.q.clone());
         Tensor::cat(vec![q, extra.mul_scalar(self.eta)], 3)
     }
 
@@ -137,7 +150,9 @@ impl PhantomDimension {
 
     /// `v' = [v ‖ v + η·Xv(v, v̂)]`: the value branch keeps a residual.
     pub fn widen_value(&self, v: Tensor<4>, phantom: &PhantomVectors) -> Tensor<4> {
-        let extra = self.xattn_value_phantom.forward(v.clone(), phantom.v.clone());
+        let extra = self
+            .xattn_value_phantom
+            .forward(v.clone(), phantom.v.clone());
         let second = v.clone() + extra.mul_scalar(self.eta);
         Tensor::cat(vec![v, second], 3)
     }
@@ -155,6 +170,9 @@ impl PhantomDimension {
 
     /// The raw gate logits `(g1, g2)` of both halves, each `[…, 1]`.
     pub fn gate_logits(&self, o1: Tensor<4>, o2: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        (self.gating_phantom_1.forward(o1), self.gating_phantom_2.forward(o2))
+        (
+            self.gating_phantom_1.forward(o1),
+            self.gating_phantom_2.forward(o2),
+        )
     }
 }

@@ -7,6 +7,9 @@
 
 use serde_json::{Value, json};
 
+use crate::config::PhantomConfig;
+use crate::error::{PhantomError, Result};
+
 /// The sizes of the family.
 pub const SIZES: [&str; 4] = ["0.5b", "1.8b", "3.8b", "7b"];
 
@@ -95,4 +98,14 @@ pub fn config_json(size: &str) -> Option<Value> {
         "force_image_size": 448,
         "torch_dtype": "bfloat16"
     }))
+}
+
+/// The validated configuration of a Phantom model of `size`.
+pub fn config(size: &str) -> Result<PhantomConfig> {
+    let json = config_json(size).ok_or_else(|| {
+        PhantomError::Config(format!(
+            "unknown model size `{size}`; expected one of {SIZES:?}"
+        ))
+    })?;
+    PhantomConfig::from_json(&json.to_string())
 }

@@ -30,7 +30,8 @@ impl VisionProjector {
     /// `[N, 1 + grid², C]` tower output → `[N, (grid/2)², D]` vision tokens.
     pub fn forward(&self, vit: Tensor<3>) -> Tensor<3> {
         let shuffled = pixel_shuffle(vit);
-        self.fc2.forward(gelu(self.fc1.forward(self.norm.forward(shuffled))))
+        self.fc2
+            .forward(gelu(self.fc1.forward(self.norm.forward(shuffled))))
     }
 }
 

@@ -1,9 +1,9 @@
 //! InternViT, the vision tower: patch embedding → bidirectional transformer layers with
 //! per-channel layer scales. No final norm; the CLS token is dropped by the projector.
 
+use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 
@@ -158,7 +158,10 @@ impl VisionModel {
         for layer in &self.encoder.layers {
             let attended = layer.attn.forward(layer.norm1.forward(x.clone()));
             x = x + attended * layer.ls1.val().unsqueeze::<3>();
-            let h = layer.mlp.fc2.forward(gelu(layer.mlp.fc1.forward(layer.norm2.forward(x.clone()))));
+            let h = layer
+                .mlp
+                .fc2
+                .forward(gelu(layer.mlp.fc1.forward(layer.norm2.forward(x.clone()))));
             x = x + h * layer.ls2.val().unsqueeze::<3>();
         }
         x
@@ -171,12 +174,21 @@ impl VisionAttention {
         let [n, l, c] = x.dims();
         let heads = self.num_heads;
         let d = c / heads;
-        let qkv = self.qkv.forward(x).reshape([n, l, 3, heads, d]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([n, l, 3, heads, d])
+            .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).reshape([n, heads, l, d]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([n, heads, l, d]);
         let v = qkv.narrow(0, 2, 1).reshape([n, heads, l, d]);
-        let scores = q.mul_scalar(1.0 / (d as f64).sqrt()).matmul(k.swap_dims(2, 3));
-        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([n, l, c]);
+        let scores = q
+            .mul_scalar(1.0 / (d as f64).sqrt())
+            .matmul(k.swap_dims(2, 3));
+        let out = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([n, l, c]);
         self.proj.forward(out)
     }
 }

@@ -9,11 +9,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use burn::tensor::DType;
 use burn::store::{
     BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
     SafetensorsStore,
 };
+use burn::tensor::DType;
 
 use crate::config::{Backbone, PhantomConfig};
 use crate::decoder::{internlm2, qwen2};
@@ -40,7 +40,10 @@ const PROJECTOR_SAVE: &[(&str, &str)] = &[
 ];
 
 /// The key of a tied head, which checkpoints may or may not repeat.
-const TIED_HEAD_KEYS: &[&str] = &["language_model.lm_head.weight", "language_model.output.weight"];
+const TIED_HEAD_KEYS: &[&str] = &[
+    "language_model.lm_head.weight",
+    "language_model.output.weight",
+];
 
 fn renames(backbone: Backbone, save: bool) -> Vec<(&'static str, &'static str)> {
     let (projector, decoder) = match (backbone, save) {
@@ -65,17 +68,24 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.display()
         )));
     }
-    let text = std::fs::read_to_string(&index_path).map_err(|e| PhantomError::io(&index_path, e))?;
+    let text =
+        std::fs::read_to_string(&index_path).map_err(|e| PhantomError::io(&index_path, e))?;
     let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         PhantomError::Weights(format!("{}: not valid JSON: {e}", index_path.display()))
     })?;
-    let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-        PhantomError::Weights(format!("{}: no `weight_map` object", index_path.display()))
-    })?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| {
+            PhantomError::Weights(format!("{}: no `weight_map` object", index_path.display()))
+        })?;
     let mut shards = BTreeSet::new();
     for (key, file) in map {
         let file = file.as_str().ok_or_else(|| {
-            PhantomError::Weights(format!("{}: `{key}` maps to a non-string", index_path.display()))
+            PhantomError::Weights(format!(
+                "{}: `{key}` maps to a non-string",
+                index_path.display()
+            ))
         })?;
         if file.contains('/') || file.contains('\\') || file == ".." {
             return Err(PhantomError::Weights(format!(
@@ -111,7 +121,11 @@ impl Default for LoadOptions {
 }
 
 /// Loads a Hugging Face style folder (`config.json` + safetensors) onto `device`.
-pub fn load_model(dir: impl AsRef<Path>, device: &Device, options: LoadOptions) -> Result<PhantomModel> {
+pub fn load_model(
+    dir: impl AsRef<Path>,
+    device: &Device,
+    options: LoadOptions,
+) -> Result<PhantomModel> {
     let dir = dir.as_ref();
     let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
     let files = weight_files(dir)?;
@@ -121,7 +135,11 @@ pub fn load_model(dir: impl AsRef<Path>, device: &Device, options: LoadOptions) 
 }
 
 /// Fills `model` from safetensors `files` (one checkpoint, possibly sharded).
-pub fn load_weights(model: &mut PhantomModel, files: &[PathBuf], options: LoadOptions) -> Result<()> {
+pub fn load_weights(
+    model: &mut PhantomModel,
+    files: &[PathBuf],
+    options: LoadOptions,
+) -> Result<()> {
     let backbone = model.config.llm.backbone;
     let mut missing: Option<BTreeSet<String>> = None;
     let mut unexpected = BTreeSet::new();
@@ -135,10 +153,14 @@ pub fn load_weights(model: &mut PhantomModel, files: &[PathBuf], options: LoadOp
         for (from, to) in renames(backbone, false) {
             store = store.with_key_remapping(from, to);
         }
-        let result = model.load_from(&mut store).map_err(|e| {
-            PhantomError::Weights(format!("{}: {e}", file.display()))
-        })?;
-        let here: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| PhantomError::Weights(format!("{}: {e}", file.display())))?;
+        let here: BTreeSet<String> = result
+            .missing
+            .iter()
+            .map(|(path, _)| path.clone())
+            .collect();
         missing = Some(match missing {
             None => here,
             Some(before) => before.intersection(&here).cloned().collect(),
@@ -166,7 +188,11 @@ pub fn load_weights(model: &mut PhantomModel, files: &[PathBuf], options: LoadOp
     Err(PhantomError::Weights(format!(
         "{} problem(s) loading {}:\n{}",
         problems.len() + missing.len() + unexpected.len(),
-        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         report.trim_end()
     )))
 }

@@ -30,7 +30,10 @@ impl Tensors {
     pub fn open(path: impl AsRef<Path>) -> Self {
         let path = path.as_ref();
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Self { bytes, name: path.display().to_string() }
+        Self {
+            bytes,
+            name: path.display().to_string(),
+        }
     }
 
     fn view(&self) -> SafeTensors<'_> {
@@ -45,10 +48,15 @@ impl Tensors {
     /// A float tensor (f32, bf16 or f16 on disk) as f32.
     pub fn f32(&self, key: &str) -> HostTensor<f32> {
         let st = self.view();
-        let t = st.tensor(key).unwrap_or_else(|e| panic!("{}: {key}: {e}", self.name));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|e| panic!("{}: {key}: {e}", self.name));
         let raw = t.data();
         let data = match t.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::BF16 => raw
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -59,13 +67,18 @@ impl Tensors {
                 .collect(),
             other => panic!("{key}: {other:?} is not a float dtype"),
         };
-        HostTensor { shape: t.shape().to_vec(), data }
+        HostTensor {
+            shape: t.shape().to_vec(),
+            data,
+        }
     }
 
     /// An integer tensor (i64 or u8 on disk) as i64.
     pub fn i64(&self, key: &str) -> HostTensor<i64> {
         let st = self.view();
-        let t = st.tensor(key).unwrap_or_else(|e| panic!("{}: {key}: {e}", self.name));
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|e| panic!("{}: {key}: {e}", self.name));
         let raw = t.data();
         let data = match t.dtype() {
             Dtype::I64 => raw
@@ -75,14 +88,20 @@ impl Tensors {
             Dtype::U8 => raw.iter().map(|&b| b as i64).collect(),
             other => panic!("{key}: {other:?} is not an integer dtype"),
         };
-        HostTensor { shape: t.shape().to_vec(), data }
+        HostTensor {
+            shape: t.shape().to_vec(),
+            data,
+        }
     }
 }
 
 impl HostTensor<f32> {
     /// On `device` as a rank-`D` tensor.
     pub fn to_device<const D: usize>(&self, device: &Device) -> Tensor<D> {
-        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
+        Tensor::from_data(
+            TensorData::new(self.data.clone(), self.shape.clone()),
+            device,
+        )
     }
 }
 
@@ -96,7 +115,10 @@ impl HostTensor<i64> {
 
 /// Values of a device tensor.
 pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 data")
 }
 
 /// Largest |a − b| over the positions where `keep` is true (None keeps all).
@@ -146,7 +168,11 @@ pub fn expand_mask(mask: &[Vec<bool>], inner: usize) -> Vec<bool> {
 /// in. `PHANTOM_TEST_DEVICES` (comma-separated `--device` names) overrides the list.
 pub fn test_devices() -> Vec<(String, Device)> {
     let names: Vec<String> = match std::env::var("PHANTOM_TEST_DEVICES") {
-        Ok(list) => list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        Ok(list) => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         Err(_) => {
             let mut names = Vec::new();
             if cfg!(feature = "flex") {
@@ -185,7 +211,10 @@ pub struct Fixture {
 impl Fixture {
     /// Opens `fixtures/phantom-ref/{name}`.
     pub fn open(name: &'static str) -> Self {
-        Self { name, outputs: Tensors::open(fixtures().join(name).join("outputs.safetensors")) }
+        Self {
+            name,
+            outputs: Tensors::open(fixtures().join(name).join("outputs.safetensors")),
+        }
     }
 
     /// The folder.
@@ -204,8 +233,14 @@ impl Fixture {
         let ids = self.outputs.i64(&format!("{prefix}.input_ids")).rows();
         let mask = self.outputs.i64(&format!("{prefix}.attention_mask")).rows();
         phantom_model::ModelInput {
-            input_ids: ids.iter().map(|r| r.iter().map(|&i| i as u32).collect()).collect(),
-            attention_mask: mask.iter().map(|r| r.iter().map(|&m| m != 0).collect()).collect(),
+            input_ids: ids
+                .iter()
+                .map(|r| r.iter().map(|&i| i as u32).collect())
+                .collect(),
+            attention_mask: mask
+                .iter()
+                .map(|r| r.iter().map(|&m| m != 0).collect())
+                .collect(),
         }
     }
 }

@@ -14,8 +14,13 @@ use phantom_tests::*;
 fn toy_chat(fixture: &Fixture) -> Chat {
     let device = test_devices().remove(0).1;
     let model = fixture.model(&device);
-    let toy = if fixture.name.starts_with("phi3") { "toy_tokenizer_phi3" } else { "toy_tokenizer" };
-    let tokenizer = Tokenizer::from_file(fixtures().join(format!("../{toy}/tokenizer.json"))).unwrap();
+    let toy = if fixture.name.starts_with("phi3") {
+        "toy_tokenizer_phi3"
+    } else {
+        "toy_tokenizer"
+    };
+    let tokenizer =
+        Tokenizer::from_file(fixtures().join(format!("../{toy}/tokenizer.json"))).unwrap();
     Chat::new(model, tokenizer).unwrap()
 }
 
@@ -24,10 +29,18 @@ fn demo_prompt_and_greedy_answer_match_the_official_run() {
     for name in ["tiny_tied", "tiny_untied", "internlm2_tiny", "phi3_tiny"] {
         let fx = Fixture::open(name);
         let chat = toy_chat(&fx);
-        let image = ImageProcessor::default().open(fixtures().join("images/astronaut.png")).unwrap();
+        let image = ImageProcessor::default()
+            .open(fixtures().join("images/astronaut.png"))
+            .unwrap();
         let turns = [Turn::question("Describe the image in detail.")];
         let prepared = chat.prepare(&turns, std::slice::from_ref(&image)).unwrap();
-        let want_ids: Vec<u32> = fx.outputs.i64("demo.input_ids").data.iter().map(|&i| i as u32).collect();
+        let want_ids: Vec<u32> = fx
+            .outputs
+            .i64("demo.input_ids")
+            .data
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         assert_eq!(prepared.input.input_ids[0], want_ids, "{name}: prompt ids");
         assert_eq!(prepared.pixels.as_ref().unwrap().num_tiles, 1);
 
@@ -39,7 +52,13 @@ fn demo_prompt_and_greedy_answer_match_the_official_run() {
                 ControlFlow::Continue(())
             })
             .unwrap();
-        let want: Vec<u32> = fx.outputs.i64("demo.gen.sequences").data.iter().map(|&i| i as u32).collect();
+        let want: Vec<u32> = fx
+            .outputs
+            .i64("demo.gen.sequences")
+            .data
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         assert_eq!(generation.sequences[0], want, "{name}: greedy ids");
         assert_eq!(text, streamed, "{name}: streamed text is the answer");
         assert_eq!(text, chat.tokenizer.decode_skip_special(&want).unwrap());
@@ -54,5 +73,8 @@ fn multi_turn_prompts_render_previous_answers() {
     let turns = [Turn::answered("Hi", "Hello"), Turn::question("Bye")];
     let prepared = chat.prepare(&turns, &[]).unwrap();
     let text = chat.tokenizer.decode(&prepared.input.input_ids[0]).unwrap();
-    assert_eq!(text, "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|><|im_start|>user\nBye<|im_end|><|im_start|>assistant\n");
+    assert_eq!(
+        text,
+        "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|><|im_start|>user\nBye<|im_end|><|im_start|>assistant\n"
+    );
 }

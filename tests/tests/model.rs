@@ -16,8 +16,17 @@ fn scramble_phantom(model: PhantomModel) -> PhantomModel {
     let mut model = model;
     for layer in &mut model.language_model.model.layers {
         let p = &mut layer.self_attn.phantom;
-        for x in [&mut p.xattn_query_phantom, &mut p.xattn_key_phantom, &mut p.xattn_value_phantom] {
-            for lin in [&mut x.linear_q, &mut x.linear_k, &mut x.linear_v, &mut x.linear_o] {
+        for x in [
+            &mut p.xattn_query_phantom,
+            &mut p.xattn_key_phantom,
+            &mut p.xattn_value_phantom,
+        ] {
+            for lin in [
+                &mut x.linear_q,
+                &mut x.linear_k,
+                &mut x.linear_v,
+                &mut x.linear_o,
+            ] {
                 lin.weight = lin.weight.clone().map(|w| w.mul_scalar(3.0));
             }
         }
@@ -45,7 +54,10 @@ fn eta_zero_is_plain_attention() {
     // …and at the released η the branch does matter (README: about 1.9e-3 on this fixture).
     let with = values(fx.model(&device).forward(&input, None).unwrap());
     let change = max_abs_diff(&a, &with, Some(&keep));
-    assert!(change > 5e-4 && change < 5e-3, "phantom effect at η=1e-4 was {change}");
+    assert!(
+        change > 5e-4 && change < 5e-3,
+        "phantom effect at η=1e-4 was {change}"
+    );
 }
 
 #[test]
@@ -58,7 +70,10 @@ fn cached_decoding_equals_full_recompute() {
     let mut rows = input.clone();
     for _ in 0..5 {
         let v = logits.dims()[1];
-        let next: Vec<u32> = values(logits.clone()).chunks(v).map(phantom_infer::generate::argmax).collect();
+        let next: Vec<u32> = values(logits.clone())
+            .chunks(v)
+            .map(phantom_infer::generate::argmax)
+            .collect();
         for (row, &t) in next.iter().enumerate() {
             rows.input_ids[row].push(t);
             rows.attention_mask[row].push(true);
@@ -89,7 +104,11 @@ fn batched_rows_equal_single_rows() {
             .map(|(i, _)| *i)
             .collect();
         let n = real.len();
-        let single = values(model.forward(&ModelInput::unpadded(vec![real]), None).unwrap());
+        let single = values(
+            model
+                .forward(&ModelInput::unpadded(vec![real]), None)
+                .unwrap(),
+        );
         let batch_row = &batch[(row * t + (t - n)) * v..(row + 1) * t * v];
         assert!(max_abs_diff(&single, batch_row, None) < 1e-4, "row {row}");
     }
@@ -101,7 +120,8 @@ fn weights_round_trip_through_the_official_layout() {
     for name in ["tiny_tied", "tiny_untied"] {
         let fx = Fixture::open(name);
         let model = fx.model(&device);
-        let dir = std::env::temp_dir().join(format!("phantom-roundtrip-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("phantom-roundtrip-{name}-{}", std::process::id()));
         phantom_model::save_model(&model, &dir).unwrap();
         // Same keys and shapes as the official file (the tied head may be left out).
         let ours = safetensors_keys(&dir.join("model.safetensors"));
@@ -122,14 +142,21 @@ fn weights_round_trip_through_the_official_layout() {
 fn safetensors_keys(path: &std::path::Path) -> Vec<(String, Vec<usize>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut keys: Vec<(String, Vec<usize>)> =
-        st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect();
+    let mut keys: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
     keys.sort();
     keys
 }
 
 /// A copy of a fixture folder whose safetensors is rewritten by `edit`.
-fn edited_checkpoint(name: &str, tag: &str, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) -> std::path::PathBuf {
+fn edited_checkpoint(
+    name: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>),
+) -> std::path::PathBuf {
     let src = fixtures().join(name);
     let dir = std::env::temp_dir().join(format!("phantom-bad-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -140,7 +167,11 @@ fn edited_checkpoint(name: &str, tag: &str, edit: impl FnOnce(&mut Vec<(String, 
         .tensors()
         .into_iter()
         .map(|(k, v)| {
-            let data = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             (k, v.shape().to_vec(), data)
         })
         .collect();
@@ -151,9 +182,19 @@ fn edited_checkpoint(name: &str, tag: &str, edit: impl FnOnce(&mut Vec<(String, 
         .collect();
     let tv: Vec<(String, safetensors::tensor::TensorView)> = views
         .iter()
-        .map(|(k, b, s)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(k, b, s)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
         .collect();
-    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(tv, None).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(tv, None).unwrap(),
+    )
+    .unwrap();
     dir
 }
 
@@ -167,16 +208,29 @@ fn load_error(dir: &std::path::Path) -> String {
 #[test]
 fn broken_checkpoints_name_every_offending_tensor() {
     let missing = edited_checkpoint("tiny_untied", "missing", |t| {
-        t.retain(|(k, _, _)| k != "language_model.model.layers.1.self_attn.gating_phantom_2.bias" && k != "vision_proj.3.weight");
+        t.retain(|(k, _, _)| {
+            k != "language_model.model.layers.1.self_attn.gating_phantom_2.bias"
+                && k != "vision_proj.3.weight"
+        });
     });
     let err = load_error(&missing);
-    assert!(err.contains("missing") && err.contains("gating_phantom_2") && err.contains("vision_proj"), "{err}");
+    assert!(
+        err.contains("missing") && err.contains("gating_phantom_2") && err.contains("vision_proj"),
+        "{err}"
+    );
 
     let unexpected = edited_checkpoint("tiny_untied", "unexpected", |t| {
-        t.push(("language_model.model.layers.0.self_attn.extra.weight".into(), vec![2], vec![0.0, 1.0]));
+        t.push((
+            "language_model.model.layers.0.self_attn.extra.weight".into(),
+            vec![2],
+            vec![0.0, 1.0],
+        ));
     });
     let err = load_error(&unexpected);
-    assert!(err.contains("unexpected") && err.contains("self_attn.extra.weight"), "{err}");
+    assert!(
+        err.contains("unexpected") && err.contains("self_attn.extra.weight"),
+        "{err}"
+    );
 
     let misshaped = edited_checkpoint("tiny_untied", "shape", |t| {
         for (k, s, d) in t.iter_mut() {
@@ -198,15 +252,23 @@ fn broken_checkpoints_name_every_offending_tensor() {
         t.retain(|(k, _, _)| k != "language_model.lm_head.weight");
     });
     phantom_model::load_model(&tied_without_head, &device(), Default::default()).unwrap();
-    for dir in [missing, unexpected, misshaped, untied_without_head, tied_without_head] {
+    for dir in [
+        missing,
+        unexpected,
+        misshaped,
+        untied_without_head,
+        tied_without_head,
+    ] {
         std::fs::remove_dir_all(dir).ok();
     }
 }
 
 #[test]
 fn bad_configs_are_clear_errors() {
-    let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_tied/config.json")).unwrap()).unwrap();
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny_tied/config.json")).unwrap(),
+    )
+    .unwrap();
     let check = |edit: &dyn Fn(&mut serde_json::Value), needle: &str| {
         let mut cfg = base.clone();
         edit(&mut cfg);
@@ -214,42 +276,100 @@ fn bad_configs_are_clear_errors() {
         assert!(matches!(err, PhantomError::Config(_)));
         assert!(err.to_string().contains(needle), "{err} lacks {needle}");
     };
-    check(&|c| c["llm_config"]["architectures"] = serde_json::json!(["LlamaForCausalLM"]), "LlamaForCausalLM");
-    check(&|c| c["downsample_ratio"] = serde_json::json!(0.25), "downsample_ratio");
-    check(&|c| c["vision_config"]["qk_normalization"] = serde_json::json!(true), "qk_normalization");
-    check(&|c| c["llm_config"]["num_key_value_heads"] = serde_json::json!(3), "heads");
-    check(&|c| c["llm_config"]["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0}), "linear");
-    check(&|c| c["image_token_index"] = serde_json::json!(100000), "image_token_index");
-    check(&|c| { c.as_object_mut().unwrap().remove("eos_token_id"); }, "eos_token_id");
-    assert!(phantom_model::PhantomConfig::from_json("{not json").unwrap_err().to_string().contains("JSON"));
+    check(
+        &|c| c["llm_config"]["architectures"] = serde_json::json!(["LlamaForCausalLM"]),
+        "LlamaForCausalLM",
+    );
+    check(
+        &|c| c["downsample_ratio"] = serde_json::json!(0.25),
+        "downsample_ratio",
+    );
+    check(
+        &|c| c["vision_config"]["qk_normalization"] = serde_json::json!(true),
+        "qk_normalization",
+    );
+    check(
+        &|c| c["llm_config"]["num_key_value_heads"] = serde_json::json!(3),
+        "heads",
+    );
+    check(
+        &|c| c["llm_config"]["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0}),
+        "linear",
+    );
+    check(
+        &|c| c["image_token_index"] = serde_json::json!(100000),
+        "image_token_index",
+    );
+    check(
+        &|c| {
+            c.as_object_mut().unwrap().remove("eos_token_id");
+        },
+        "eos_token_id",
+    );
+    assert!(
+        phantom_model::PhantomConfig::from_json("{not json")
+            .unwrap_err()
+            .to_string()
+            .contains("JSON")
+    );
     // η is read from the top level, default 1e-4.
     let mut cfg = base.clone();
     cfg["phantom_eta"] = serde_json::json!(0.5);
-    assert_eq!(phantom_model::PhantomConfig::from_json(&cfg.to_string()).unwrap().phantom_eta, 0.5);
-    assert_eq!(phantom_model::PhantomConfig::from_json(&base.to_string()).unwrap().phantom_eta, 1e-4);
+    assert_eq!(
+        phantom_model::PhantomConfig::from_json(&cfg.to_string())
+            .unwrap()
+            .phantom_eta,
+        0.5
+    );
+    assert_eq!(
+        phantom_model::PhantomConfig::from_json(&base.to_string())
+            .unwrap()
+            .phantom_eta,
+        1e-4
+    );
 }
 
 #[test]
 fn bad_inputs_are_clear_errors() {
     let device = device();
     let model = Fixture::open("tiny_tied").model(&device);
-    let err = |input: ModelInput, pixels: Option<Tensor<4>>| model.forward(&input, pixels).unwrap_err().to_string();
+    let err = |input: ModelInput, pixels: Option<Tensor<4>>| {
+        model.forward(&input, pixels).unwrap_err().to_string()
+    };
     // Image placeholder count must match the tiles.
     let mut ids = vec![7u32; 10];
     ids.extend(vec![500; 256]);
     let e = err(ModelInput::unpadded(vec![ids.clone()]), None);
-    assert!(e.contains("256 image tokens") && e.contains("0 tile"), "{e}");
-    let e = err(ModelInput::unpadded(vec![ids]), Some(vision_pixels(&device)));
+    assert!(
+        e.contains("256 image tokens") && e.contains("0 tile"),
+        "{e}"
+    );
+    let e = err(
+        ModelInput::unpadded(vec![ids]),
+        Some(vision_pixels(&device)),
+    );
     assert!(e.contains("2 tile"), "{e}");
     // Ids outside the vocabulary, right padding, empty rows.
     assert!(err(ModelInput::unpadded(vec![vec![1, 2, 9999]]), None).contains("9999"));
-    let right = ModelInput { input_ids: vec![vec![5, 6, 0]], attention_mask: vec![vec![true, true, false]] };
+    let right = ModelInput {
+        input_ids: vec![vec![5, 6, 0]],
+        attention_mask: vec![vec![true, true, false]],
+    };
     assert!(err(right, None).contains("left"));
-    let empty = ModelInput { input_ids: vec![vec![0, 0]], attention_mask: vec![vec![false, false]] };
+    let empty = ModelInput {
+        input_ids: vec![vec![0, 0]],
+        attention_mask: vec![vec![false, false]],
+    };
     assert!(err(empty, None).contains("no real token"));
     // Wrong tile size.
     let small = Tensor::<4>::zeros([1, 3, 224, 224], &device);
-    assert!(model.encode_images(small).unwrap_err().to_string().contains("448"));
+    assert!(
+        model
+            .encode_images(small)
+            .unwrap_err()
+            .to_string()
+            .contains("448")
+    );
     // Over-long prompts fail before any compute.
     let long = ModelInput::unpadded(vec![vec![5; 5000]]);
     assert!(err(long, None).contains("context"));
@@ -257,10 +377,14 @@ fn bad_inputs_are_clear_errors() {
 
 #[test]
 fn device_names_are_checked() {
-    let e = phantom_model::device::device(Some("tpu")).unwrap_err().to_string();
+    let e = phantom_model::device::device(Some("tpu"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown device `tpu`"), "{e}");
     if !cfg!(feature = "tch") {
-        let e = phantom_model::device::device(Some("tch")).unwrap_err().to_string();
+        let e = phantom_model::device::device(Some("tch"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`tch` feature"), "{e}");
     }
     assert!(phantom_model::device::device(Some("cuda:x")).is_err());

@@ -23,12 +23,24 @@ fn vision_tokens_match() {
             if fx.outputs.has("vision.vit_last_hidden_state") {
                 let vit = model.vision_model.forward(pixels.clone());
                 let want = fx.outputs.f32("vision.vit_last_hidden_state");
-                assert_close(&format!("{dev_name}/{name} vit"), &values(vit), &want.data, None, ATOL);
+                assert_close(
+                    &format!("{dev_name}/{name} vit"),
+                    &values(vit),
+                    &want.data,
+                    None,
+                    ATOL,
+                );
             }
             let tokens = model.encode_images(pixels).unwrap();
             let want = fx.outputs.f32("vision.vision_tokens");
             assert_eq!(tokens.dims().to_vec(), want.shape);
-            assert_close(&format!("{dev_name}/{name} vision tokens"), &values(tokens), &want.data, None, ATOL);
+            assert_close(
+                &format!("{dev_name}/{name} vision tokens"),
+                &values(tokens),
+                &want.data,
+                None,
+                ATOL,
+            );
         }
     }
 }
@@ -44,7 +56,13 @@ fn text_logits_match_at_generate_positions() {
             let want = fx.outputs.f32("text.logits_generate_pos");
             assert_eq!(logits.dims().to_vec(), want.shape);
             let keep = expand_mask(&input.attention_mask, want.shape[2]);
-            assert_close(&format!("{dev_name}/{name} text logits"), &values(logits), &want.data, Some(&keep), ATOL);
+            assert_close(
+                &format!("{dev_name}/{name} text logits"),
+                &values(logits),
+                &want.data,
+                Some(&keep),
+                ATOL,
+            );
         }
     }
 }
@@ -59,33 +77,66 @@ fn multimodal_logits_match() {
             let vision = model.encode_images(vision_pixels(&device)).unwrap();
             let embeds = model.embed(&input, Some(vision)).unwrap();
             let mut cache = model.new_cache(1);
-            let hidden = model.forward_embeds(embeds, &input.attention_mask, &mut cache, None).unwrap();
+            let hidden = model
+                .forward_embeds(embeds, &input.attention_mask, &mut cache, None)
+                .unwrap();
             let want = fx.outputs.f32("mm.final_hidden");
-            assert_close(&format!("{dev_name}/{name} mm hidden"), &values(hidden.clone()), &want.data, None, ATOL);
+            assert_close(
+                &format!("{dev_name}/{name} mm hidden"),
+                &values(hidden.clone()),
+                &want.data,
+                None,
+                ATOL,
+            );
 
             let index = fx.outputs.i64("mm.logits_selected_index");
-            let idx = Tensor::<1, Int>::from_data(TensorData::new(index.data.clone(), [index.data.len()]), &device);
+            let idx = Tensor::<1, Int>::from_data(
+                TensorData::new(index.data.clone(), [index.data.len()]),
+                &device,
+            );
             let logits = model.language_model.logits(hidden.select(1, idx));
             let want = fx.outputs.f32("mm.logits_selected");
             assert_eq!(logits.dims().to_vec(), want.shape);
-            assert_close(&format!("{dev_name}/{name} mm logits"), &values(logits), &want.data, None, ATOL);
+            assert_close(
+                &format!("{dev_name}/{name} mm logits"),
+                &values(logits),
+                &want.data,
+                None,
+                ATOL,
+            );
         }
     }
 }
 
 /// Greedy decoding through the KV cache: every step's logits and every id.
-fn check_greedy(fx: &Fixture, prefix: &str, vision: Option<Tensor<3>>, device: &Device, dev_name: &str) {
+fn check_greedy(
+    fx: &Fixture,
+    prefix: &str,
+    vision: Option<Tensor<3>>,
+    device: &Device,
+    dev_name: &str,
+) {
     let model = fx.model(device);
     let input = fx.input(prefix);
     let want_ids = fx.outputs.i64(&format!("{prefix}.gen.sequences"));
     let want_logits = fx.outputs.f32(&format!("{prefix}.gen.step_logits"));
-    let (steps, b, v) = (want_logits.shape[0], want_logits.shape[1], want_logits.shape[2]);
+    let (steps, b, v) = (
+        want_logits.shape[0],
+        want_logits.shape[1],
+        want_logits.shape[2],
+    );
     let (mut session, mut logits) = Session::prefill_vision_tokens(&model, &input, vision).unwrap();
     let mut ids = vec![Vec::new(); b];
     for step in 0..steps {
         let got = values(logits.clone());
         let want = &want_logits.data[step * b * v..(step + 1) * b * v];
-        assert_close(&format!("{dev_name}/{} {prefix} step {step} logits", fx.name), &got, want, None, ATOL);
+        assert_close(
+            &format!("{dev_name}/{} {prefix} step {step} logits", fx.name),
+            &got,
+            want,
+            None,
+            ATOL,
+        );
         let next: Vec<u32> = got.chunks(v).map(phantom_infer::generate::argmax).collect();
         for (row, &t) in next.iter().enumerate() {
             ids[row].push(t as i64);
@@ -94,7 +145,12 @@ fn check_greedy(fx: &Fixture, prefix: &str, vision: Option<Tensor<3>>, device: &
             logits = session.step(&next).unwrap();
         }
     }
-    assert_eq!(ids, want_ids.rows(), "{dev_name}/{} {prefix} greedy ids", fx.name);
+    assert_eq!(
+        ids,
+        want_ids.rows(),
+        "{dev_name}/{} {prefix} greedy ids",
+        fx.name
+    );
 }
 
 #[test]
@@ -106,7 +162,10 @@ fn greedy_ids_match_through_the_kv_cache() {
             let model = fx.model(&device);
             let vision = model.encode_images(vision_pixels(&device)).unwrap();
             check_greedy(&fx, "mm", Some(vision), &device, &dev_name);
-            let demo = fx.outputs.f32("demo.vision_tokens_bf16_input").to_device::<3>(&device);
+            let demo = fx
+                .outputs
+                .f32("demo.vision_tokens_bf16_input")
+                .to_device::<3>(&device);
             check_greedy(&fx, "demo", Some(demo), &device, &dev_name);
         }
     }
@@ -127,7 +186,11 @@ fn generate_loop_reproduces_the_reference_ids() {
         })
         .unwrap();
         let want = fx.outputs.i64("text.gen.sequences").rows();
-        let got: Vec<Vec<i64>> = out.sequences.iter().map(|r| r.iter().map(|&t| t as i64).collect()).collect();
+        let got: Vec<Vec<i64>> = out
+            .sequences
+            .iter()
+            .map(|r| r.iter().map(|&t| t as i64).collect())
+            .collect();
         assert_eq!(got, want, "{name}");
         assert_eq!(streamed, want, "{name}: streamed tokens");
     }
@@ -142,7 +205,13 @@ fn debug_internals_match() {
             let input = fx.input("text");
             let embeds = model.embed(&input, None).unwrap();
             let want = fx.outputs.f32("text.debug.hidden_states.0");
-            assert_close("embeddings", &values(embeds.clone()), &want.data, None, ATOL);
+            assert_close(
+                "embeddings",
+                &values(embeds.clone()),
+                &want.data,
+                None,
+                ATOL,
+            );
             let mut cache = model.new_cache(2);
             let mut trace = DecoderTrace::new();
             let hidden = model
@@ -150,9 +219,18 @@ fn debug_internals_match() {
                 .unwrap();
             let want = fx.outputs.f32("text.debug.hidden_states.2");
             let keep = expand_mask(&input.attention_mask, want.shape[2]);
-            assert_close("final hidden", &values(hidden), &want.data, Some(&keep), ATOL);
+            assert_close(
+                "final hidden",
+                &values(hidden),
+                &want.data,
+                Some(&keep),
+                ATOL,
+            );
 
-            let (h, d) = (model.config.llm.num_attention_heads, model.config.llm.head_dim());
+            let (h, d) = (
+                model.config.llm.num_attention_heads,
+                model.config.llm.head_dim(),
+            );
             let hidden_size = model.config.llm.hidden_size;
             let keep = expand_mask(&input.attention_mask, hidden_size);
             for (layer, tr) in trace.iter().enumerate() {
@@ -167,11 +245,18 @@ fn debug_internals_match() {
                     let want = fx.outputs.f32(reference);
                     let [b, s, hkv, d] = t.dims();
                     let g = want.shape[2] / hkv;
-                    let t = t.unsqueeze_dim::<5>(3).repeat_dim(3, g).reshape([b, s, hkv * g, d]);
+                    let t = t
+                        .unsqueeze_dim::<5>(3)
+                        .repeat_dim(3, g)
+                        .reshape([b, s, hkv * g, d]);
                     (values(t), want)
                 };
                 let keep_of = |heads: usize| expand_mask(&input.attention_mask, heads * d);
-                for (what, got) in [("phantom_q", &pv.q), ("phantom_k", &pv.k), ("phantom_v", &pv.v)] {
+                for (what, got) in [
+                    ("phantom_q", &pv.q),
+                    ("phantom_k", &pv.k),
+                    ("phantom_v", &pv.v),
+                ] {
                     let (got, want) = like(got.clone(), &key(what));
                     assert_close(&ctx(what), &got, &want.data, None, ATOL);
                 }
@@ -182,11 +267,35 @@ fn debug_internals_match() {
                     ("xattn_value_phantom.out", tr.xattn_value.clone(), ATOL),
                 ] {
                     let (got, want) = like(got.unwrap(), &key(what));
-                    assert_close(&ctx(what), &got, &want.data, Some(&keep_of(want.shape[2])), tol);
+                    assert_close(
+                        &ctx(what),
+                        &got,
+                        &want.data,
+                        Some(&keep_of(want.shape[2])),
+                        tol,
+                    );
                 }
-                assert_close(&ctx("gate 1"), &values(tr.gate_1.clone().unwrap()), &fx.outputs.f32(&key("gating_phantom_1.out")).data, Some(&keep_gate), ATOL);
-                assert_close(&ctx("gate 2"), &values(tr.gate_2.clone().unwrap()), &fx.outputs.f32(&key("gating_phantom_2.out")).data, Some(&keep_gate), ATOL);
-                assert_close(&ctx("attn out"), &values(tr.out.clone().unwrap()), &fx.outputs.f32(&key("self_attn.out")).data, Some(&keep), ATOL);
+                assert_close(
+                    &ctx("gate 1"),
+                    &values(tr.gate_1.clone().unwrap()),
+                    &fx.outputs.f32(&key("gating_phantom_1.out")).data,
+                    Some(&keep_gate),
+                    ATOL,
+                );
+                assert_close(
+                    &ctx("gate 2"),
+                    &values(tr.gate_2.clone().unwrap()),
+                    &fx.outputs.f32(&key("gating_phantom_2.out")).data,
+                    Some(&keep_gate),
+                    ATOL,
+                );
+                assert_close(
+                    &ctx("attn out"),
+                    &values(tr.out.clone().unwrap()),
+                    &fx.outputs.f32(&key("self_attn.out")).data,
+                    Some(&keep),
+                    ATOL,
+                );
             }
         }
     }

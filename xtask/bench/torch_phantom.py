@@ -489,6 +489,34 @@ def run_check():
 # ----------------------------------------------------------------------------------------------
 # Benchmark
 
+class ForeignLoad:
+    """CPU time other processes used while the benchmark ran, in cores (Linux /proc/stat).
+    On a small machine any other load skews OpenMP timings badly, so the report carries it."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - fields[4]          # all but idle and iowait
+            busy_s = busy / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy_s, r.ru_utime + r.ru_stime
+
+    def cores(self):
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return round(max(other, 0.0) / wall, 3)
+
+
 def random_ids(n, vocab, seed):
     """The Rust bench's LCG (phantom-infer/src/cli/bench.rs), so both run on the same ids."""
     mask = (1 << 64) - 1
@@ -523,6 +551,7 @@ def main():
     cfg = dict(PRESETS[args.size])
     cfg["head_dim"] = cfg["hidden"] // cfg["heads"]
 
+    foreign = ForeignLoad()
     with torch.inference_mode():
         t0 = time.perf_counter()
         init = Init(0)
@@ -579,6 +608,11 @@ def main():
         report["decode_steps_counted"] = steps - 1
         report["weight_bytes_per_token"] = params_decoder * 4
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Mean CPU cores used by other processes during the run; near 0 for a trustworthy number.
+    report["other_processes_cpu_cores"] = foreign.cores()
+    if (report["other_processes_cpu_cores"] or 0) > 0.1:
+        log(f"warning: other processes used {report['other_processes_cpu_cores']} CPU cores on "
+            f"average during the run; the timings are skewed")
     print(json.dumps(report))
     return 0
 

@@ -57,16 +57,28 @@ fn json_of(mut cmd: Command, what: &str) -> anyhow::Result<serde_json::Value> {
         bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
     serde_json::from_str(line).with_context(|| format!("{what} printed no JSON: {text}"))
 }
 
 fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow::Result<()> {
     let mut build = cargo();
-    build.args(["build", "--release", "-p", "phantom-infer", "--features", "flex,ndarray"]);
-    run(build, "building phantom-infer (release, flex + ndarray)")?;
+    // The dev profile compiles every dependency (Burn's kernels included) at opt-level 3 and
+    // shares its build with `cargo xtask test`, so the benchmark costs no second Burn build.
+    build.args([
+        "build",
+        "-p",
+        "phantom-infer",
+        "--features",
+        "flex,ndarray,wgpu",
+    ]);
+    run(build, "building phantom-infer (flex + ndarray)")?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let bin = std::path::Path::new(&target).join("release/phantom-infer");
+    let bin = std::path::Path::new(&target).join("debug/phantom-infer");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let columns = [
         ("vision_ms_per_tile", "vision ms/tile"),
@@ -79,19 +91,41 @@ fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow:
         let mut rows: Vec<(String, serde_json::Value)> = Vec::new();
         for device in ["flex", "ndarray"] {
             let mut cmd = Command::new(&bin);
-            cmd.args(["bench", "--size", size, "--device", device, "--decode-steps"])
-                .arg(decode_steps.to_string());
-            rows.push((device.to_string(), json_of(cmd, &format!("bench {size} on {device}"))?));
+            cmd.args([
+                "bench",
+                "--size",
+                size,
+                "--device",
+                device,
+                "--decode-steps",
+            ])
+            .arg(decode_steps.to_string());
+            rows.push((
+                device.to_string(),
+                json_of(cmd, &format!("bench {size} on {device}"))?,
+            ));
         }
         let torch = if no_torch {
             None
         } else {
             let setup = root.join("xtask/bench/setup_venv.sh");
-            let out = Command::new("bash").arg(&setup).output().context("setting up the PyTorch venv")?;
+            let out = Command::new("bash")
+                .arg(&setup)
+                .output()
+                .context("setting up the PyTorch venv")?;
             if !out.status.success() {
-                bail!("{} failed: {}", setup.display(), String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "{} failed: {}",
+                    setup.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
-            let python = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("python3").trim().to_string();
+            let python = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("python3")
+                .trim()
+                .to_string();
             let mut cmd = Command::new(python);
             cmd.arg(root.join("xtask/bench/torch_phantom.py"))
                 .args(["--size", size, "--decode-steps"])
@@ -102,7 +136,10 @@ fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow:
             rows.push(("pytorch".into(), t.clone()));
         }
         let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
-        println!("\n### Phantom-{size} shapes, f32, this machine ({} threads)\n", std::thread::available_parallelism().map_or(0, |n| n.get()));
+        println!(
+            "\n### Phantom-{size} shapes, f32, this machine ({} threads)\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
         let mut header = String::from("| backend |");
         let mut rule = String::from("|---|");
         for (_, name) in columns {
@@ -147,9 +184,16 @@ fn main() -> anyhow::Result<()> {
             };
             let mut test = cargo();
             test.args(["test", "--workspace", "--features", features]);
-            run(test, &format!("cargo test --workspace --features {features}"))?;
+            run(
+                test,
+                &format!("cargo test --workspace --features {features}"),
+            )?;
             Ok(())
         }
-        Task::BenchInfer { sizes, decode_steps, no_torch } => bench_infer(&sizes, decode_steps, no_torch),
+        Task::BenchInfer {
+            sizes,
+            decode_steps,
+            no_torch,
+        } => bench_infer(&sizes, decode_steps, no_torch),
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use clap::Args;
 use phantom_infer::Session;
-use phantom_model::{ModelInput, PhantomConfig, PhantomModel};
+use phantom_model::{ModelInput, PhantomModel};
 
 /// Arguments of `bench`.
 #[derive(Args, Debug)]
@@ -56,10 +56,14 @@ fn copy_bandwidth_gbs() -> f64 {
 
 fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     // A small LCG: reproducible ids without another dependency.
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % (vocab as u64 - 1000)) as u32 + 500
         })
         .collect()
@@ -68,9 +72,7 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// `phantom-infer bench`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = phantom_model::device::device(args.device.as_deref())?;
-    let json = phantom_model::presets::config_json(&args.size)
-        .ok_or_else(|| anyhow::anyhow!("unknown size `{}`; expected one of {:?}", args.size, phantom_model::presets::SIZES))?;
-    let config = PhantomConfig::from_json(&json.to_string())?;
+    let config = phantom_model::presets::config(&args.size)?;
     let vocab = config.llm.vocab_size;
     let model = PhantomModel::new(config, &device);
     let params_decoder = model.language_model.num_params();
@@ -84,7 +86,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     if !args.no_vision {
         let side = model.config.vision.image_size;
-        let tile = Tensor::<4>::random([1, 3, side, side], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let tile = Tensor::<4>::random(
+            [1, 3, side, side],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         for key in ["vision_ms_per_tile", "vision_ms_per_tile_warm"] {
             let start = Instant::now();
             let tokens = model.encode_images(tile.clone())?;
@@ -98,7 +104,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let (_session, logits) = Session::prefill(&model, &prompt, None)?;
     let _ = logits.into_data();
     report["prefill_tokens"] = args.prompt_len.into();
-    report["prefill_tokens_per_s"] = (args.prompt_len as f64 / start.elapsed().as_secs_f64()).into();
+    report["prefill_tokens_per_s"] =
+        (args.prompt_len as f64 / start.elapsed().as_secs_f64()).into();
 
     for &context in &args.contexts {
         let prompt = ModelInput::unpadded(vec![random_ids(context, vocab, context as u64)]);
@@ -109,13 +116,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let start = Instant::now();
             let logits = session.step(&[token])?;
             let next = logits.argmax(1).into_data().convert::<i64>();
-            token = next.try_to_vec::<i64>().ok().and_then(|v| v.first().copied()).unwrap_or(0) as u32;
+            token = next
+                .try_to_vec::<i64>()
+                .ok()
+                .and_then(|v| v.first().copied())
+                .unwrap_or(0) as u32;
             if step > 0 {
                 counted += start.elapsed();
             }
         }
         let steps = args.decode_steps.max(2) - 1;
-        report[format!("decode_tokens_per_s_{context}")] = (steps as f64 / counted.as_secs_f64()).into();
+        report[format!("decode_tokens_per_s_{context}")] =
+            (steps as f64 / counted.as_secs_f64()).into();
     }
 
     // Decode reads every decoder weight once per token (the tied head reuses the embedding).

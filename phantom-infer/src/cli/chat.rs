@@ -85,7 +85,10 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| processor.open(p))
         .collect::<Result<_, _>>()?;
-    let tokenizer_path = args.tokenizer.clone().unwrap_or_else(|| args.model.model.join(TOKENIZER_FILE));
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.model.join(TOKENIZER_FILE));
     if !tokenizer_path.exists() && args.model.model.join("tokenizer.model").exists() {
         anyhow::bail!(
             "{} has a SentencePiece tokenizer.model but no tokenizer.json; create it once with \
@@ -97,7 +100,10 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
 
-    let bar = spinner(args.quiet, &format!("loading {}", args.model.model.display()));
+    let bar = spinner(
+        args.quiet,
+        &format!("loading {}", args.model.model.display()),
+    );
     let start = Instant::now();
     let model = args.model.load()?;
     bar.finish_and_clear();
@@ -187,7 +193,11 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
 }
 
 fn per_second(n: usize, d: Duration) -> f64 {
-    if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() }
+    if d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
 }
 
 fn describe(t: &Timings) -> String {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use phantom_model::{PhantomConfig, PhantomModel};
+use phantom_model::PhantomModel;
 
 /// Arguments of `init`.
 #[derive(Args, Debug)]
@@ -19,14 +19,15 @@ pub struct InitArgs {
 
 /// `phantom-infer init`.
 pub fn init(args: InitArgs) -> anyhow::Result<()> {
-    let json = phantom_model::presets::config_json(&args.size).ok_or_else(|| {
-        anyhow::anyhow!("unknown size `{}`; expected one of {:?}", args.size, phantom_model::presets::SIZES)
-    })?;
-    let config = PhantomConfig::from_json(&json.to_string())?;
+    let config = phantom_model::presets::config(&args.size)?;
     let device = phantom_model::device::device(Some("flex"))
         .or_else(|_| phantom_model::device::device(None))?;
     let model = PhantomModel::new(config, &device);
     phantom_model::save_model(&model, &args.out)?;
-    eprintln!("wrote a random {} checkpoint to {}", args.size, args.out.display());
+    eprintln!(
+        "wrote a random {} checkpoint to {}",
+        args.size,
+        args.out.display()
+    );
     Ok(())
 }

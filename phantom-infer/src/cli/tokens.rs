@@ -40,9 +40,9 @@ pub struct GenerateArgs {
 }
 
 fn pixels(model: &PhantomModel, file: &InputsFile) -> Option<Tensor<4>> {
-    file.pixel_values.as_ref().map(|p| {
-        Tensor::from_data(TensorData::new(p.data.clone(), p.shape), &model.device())
-    })
+    file.pixel_values
+        .as_ref()
+        .map(|p| Tensor::from_data(TensorData::new(p.data.clone(), p.shape), &model.device()))
 }
 
 /// `phantom-infer forward`.

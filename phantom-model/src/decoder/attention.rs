@@ -82,9 +82,12 @@ impl Attention {
                 Some(lin(hidden, hkv * d, config.qkv_bias)),
                 None,
             ),
-            Backbone::InternLm2 | Backbone::Phi3 => {
-                (None, None, None, Some(lin(hidden, (h + 2 * hkv) * d, config.qkv_bias)))
-            }
+            Backbone::InternLm2 | Backbone::Phi3 => (
+                None,
+                None,
+                None,
+                Some(lin(hidden, (h + 2 * hkv) * d, config.qkv_bias)),
+            ),
         };
         Self {
             q_proj,
@@ -122,8 +125,13 @@ impl Attention {
             (Some(fused), ..) => {
                 let all = fused.forward(x);
                 let q = all.clone().narrow(2, 0, h * d).reshape([b, t, h, d]);
-                let k = all.clone().narrow(2, h * d, hkv * d).reshape([b, t, hkv, d]);
-                let v = all.narrow(2, (h + hkv) * d, hkv * d).reshape([b, t, hkv, d]);
+                let k = all
+                    .clone()
+                    .narrow(2, h * d, hkv * d)
+                    .reshape([b, t, hkv, d]);
+                let v = all
+                    .narrow(2, (h + hkv) * d, hkv * d)
+                    .reshape([b, t, hkv, d]);
                 (q, k, v)
             }
             _ => unreachable!("Attention::new always sets one complete projection layout"),
@@ -181,7 +189,10 @@ impl Attention {
 
         // GQA without copying keys: the g query heads of a KV head share its key matrix.
         let g = h / hkv;
-        let q_heads = q_wide.clone().swap_dims(1, 2).reshape([b, hkv, g * t, 2 * d]);
+        let q_heads = q_wide
+            .clone()
+            .swap_dims(1, 2)
+            .reshape([b, hkv, g * t, 2 * d]);
         // The scale uses the original head width d, as the released code does.
         let scores = q_heads
             .matmul(k_all.clone().swap_dims(2, 3))
@@ -189,7 +200,10 @@ impl Attention {
             .reshape([b, hkv, g, t, s])
             .mask_fill(mask.hidden.clone(), f32::MIN);
         let weights = softmax(scores, 4).reshape([b, hkv, g * t, s]);
-        let o = weights.matmul(v_all.clone()).reshape([b, h, t, 2 * d]).swap_dims(1, 2);
+        let o = weights
+            .matmul(v_all.clone())
+            .reshape([b, h, t, 2 * d])
+            .swap_dims(1, 2);
 
         let folded = self.phantom.fold(o.clone());
         let out = self.o_proj.forward(folded.reshape([b, t, h * d]));
@@ -207,7 +221,11 @@ impl Attention {
             trace.out = Some(out.clone());
         }
 
-        *cache = Some(LayerCache { k: k_all, v: v_all, phantom });
+        *cache = Some(LayerCache {
+            k: k_all,
+            v: v_all,
+            phantom,
+        });
         out
     }
 }

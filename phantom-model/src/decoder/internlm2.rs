@@ -4,7 +4,10 @@
 
 /// `(official pattern, module path)` rewrites applied when loading.
 pub const LOAD_RENAMES: &[(&str, &str)] = &[
-    (r"\.attention\.(xattn_\w+_phantom|gating_phantom_\d)\.", ".self_attn.phantom.${1}."),
+    (
+        r"\.attention\.(xattn_\w+_phantom|gating_phantom_\d)\.",
+        ".self_attn.phantom.${1}.",
+    ),
     (r"\.attention\.wqkv\.", ".self_attn.qkv_proj."),
     (r"\.attention\.wo\.", ".self_attn.o_proj."),
     (r"\.attention_norm\.", ".input_layernorm."),

@@ -143,7 +143,11 @@ impl CausalLm {
         let mut hidden = Vec::with_capacity(b * t * s);
         for keys in &cache.key_mask {
             for i in 0..t {
-                hidden.extend(keys.iter().enumerate().map(|(j, &real)| !real || j > past + i));
+                hidden.extend(
+                    keys.iter()
+                        .enumerate()
+                        .map(|(j, &real)| !real || j > past + i),
+                );
             }
         }
         let mask = AttentionMask {
@@ -179,12 +183,15 @@ impl CausalLm {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
+                // hidden · Eᵀ computed as (E · hiddenᵀ)ᵀ: the embedding stays contiguous and
+                // only the small result is transposed, instead of a [V, D] matrix per call.
                 let weight = self.model.embed_tokens.weight.val();
                 let [b, t, d] = hidden.dims();
-                hidden
-                    .reshape([b * t, d])
-                    .matmul(weight.transpose())
-                    .reshape([b, t, self.model.embed_tokens.weight.dims()[0]])
+                let v = weight.dims()[0];
+                weight
+                    .matmul(hidden.reshape([b * t, d]).transpose())
+                    .transpose()
+                    .reshape([b, t, v])
             }
         }
     }

@@ -3,9 +3,10 @@
 //! phantom modules sit one level deeper here than in the checkpoints.
 
 /// `(official pattern, module path)` rewrites applied when loading.
-pub const LOAD_RENAMES: &[(&str, &str)] =
-    &[(r"\.self_attn\.(xattn_\w+_phantom|gating_phantom_\d)\.", ".self_attn.phantom.${1}.")];
+pub const LOAD_RENAMES: &[(&str, &str)] = &[(
+    r"\.self_attn\.(xattn_\w+_phantom|gating_phantom_\d)\.",
+    ".self_attn.phantom.${1}.",
+)];
 
 /// `(module pattern, official path)` rewrites applied when saving.
-pub const SAVE_RENAMES: &[(&str, &str)] =
-    &[(r"\.self_attn\.phantom\.", ".self_attn.")];
+pub const SAVE_RENAMES: &[(&str, &str)] = &[(r"\.self_attn\.phantom\.", ".self_attn.")];

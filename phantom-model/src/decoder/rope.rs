@@ -62,10 +62,17 @@ impl Rope {
                     (base_inv(self.theta), 1.0)
                 }
             }
-            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings } => {
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+            } => {
                 let orig = *original_max_position_embeddings;
-                let factors =
-                    if max_position + 1 > orig as i64 { long_factor } else { short_factor };
+                let factors = if max_position + 1 > orig as i64 {
+                    long_factor
+                } else {
+                    short_factor
+                };
                 let inv = base_inv(self.theta)
                     .into_iter()
                     .zip(factors)
@@ -102,7 +109,10 @@ impl Rope {
             }
         }
         let make = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, t, 1, d]), device);
-        RopeTables { cos: make(cos), sin: make(sin) }
+        RopeTables {
+            cos: make(cos),
+            sin: make(sin),
+        }
     }
 }
 
