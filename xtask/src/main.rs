@@ -49,6 +49,44 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, passing its output through, and closes with one line totalling every test
+/// binary's result (the doc-test runs come last and would otherwise close on "0 passed").
+fn run_tests(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {what}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.trim_start_matches("ok.").trim().parse().unwrap_or(0);
+                    match label {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
 /// Runs a command and parses the JSON object it prints last on stdout.
 fn json_of(mut cmd: Command, what: &str) -> anyhow::Result<serde_json::Value> {
     eprintln!("xtask: {what}");
@@ -184,11 +222,10 @@ fn main() -> anyhow::Result<()> {
             };
             let mut test = cargo();
             test.args(["test", "--workspace", "--features", features]);
-            run(
+            run_tests(
                 test,
                 &format!("cargo test --workspace --features {features}"),
-            )?;
-            Ok(())
+            )
         }
         Task::BenchInfer {
             sizes,
