@@ -107,27 +107,15 @@ pub fn read_inputs(path: &Path) -> Result<InputsFile> {
                     format!("`pixel_values` must be [N, 3, H, W], found {s:?}"),
                 ));
             }
-            let raw = view.data();
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::F32 => raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::BF16 => raw
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::F16 => raw
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(bad(
-                        path,
-                        format!("`pixel_values` must be f32, bf16 or f16, found {other:?}"),
-                    ));
-                }
-            };
+            let data = float_values(&view).ok_or_else(|| {
+                bad(
+                    path,
+                    format!(
+                        "`pixel_values` must be f32, bf16 or f16, found {:?}",
+                        view.dtype()
+                    ),
+                )
+            })?;
             Some(Pixels {
                 shape: [s[0], s[1], s[2], s[3]],
                 data,
@@ -161,4 +149,24 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Resul
     let tmp = path.with_extension("safetensors.tmp");
     std::fs::write(&tmp, bytes).map_err(|e| PhantomError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| PhantomError::io(path, e))
+}
+
+/// The values of a float tensor (f32, bf16 or f16 on disk) as f32; `None` for other dtypes.
+pub fn float_values(view: &safetensors::tensor::TensorView<'_>) -> Option<Vec<f32>> {
+    let raw = view.data();
+    Some(match view.dtype() {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }

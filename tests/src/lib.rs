@@ -51,22 +51,8 @@ impl Tensors {
         let t = st
             .tensor(key)
             .unwrap_or_else(|e| panic!("{}: {key}: {e}", self.name));
-        let raw = t.data();
-        let data = match t.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => panic!("{key}: {other:?} is not a float dtype"),
-        };
+        let data = phantom_infer::io::float_values(&t)
+            .unwrap_or_else(|| panic!("{key}: {:?} is not a float dtype", t.dtype()));
         HostTensor {
             shape: t.shape().to_vec(),
             data,

@@ -131,7 +131,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     config.validate()?;
 
     let mut turns: Vec<Turn> = Vec::new();
-    let mut ask = |question: String, turns: &mut Vec<Turn>| -> anyhow::Result<()> {
+    let ask = |question: String, turns: &mut Vec<Turn>| -> anyhow::Result<()> {
         turns.push(Turn::question(question));
         let bar = spinner(args.quiet || args.json, "reading the prompt");
         let mut first = true;
