@@ -41,11 +41,15 @@ impl Chat {
     /// Pairs `model` with the `tokenizer.json` of `dir`.
     pub fn new(model: PhantomModel, tokenizer: Tokenizer) -> Result<Self> {
         let template = Template::from_architecture(model.config.llm.backbone.architecture())?;
+        let processor = ImageProcessor {
+            tile_size: model.config.vision.image_size as u32,
+            ..ImageProcessor::default()
+        };
         Ok(Self {
             model,
             tokenizer,
             template,
-            processor: ImageProcessor::default(),
+            processor,
             bf16_pixels: true,
         })
     }
@@ -83,9 +87,12 @@ impl Chat {
         if let Some(p) = pixels.as_mut().filter(|_| self.bf16_pixels) {
             round_to_bf16(&mut p.data);
         }
-        let ids = self
-            .template
-            .encode(&self.tokenizer, &turns, &tiles_per_image)?;
+        let ids = self.template.encode_for(
+            &self.tokenizer,
+            &turns,
+            &tiles_per_image,
+            self.model.config.tokens_per_tile(),
+        )?;
         Ok(Prepared {
             input: ModelInput::unpadded(vec![ids]),
             pixels,

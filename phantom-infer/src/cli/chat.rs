@@ -109,7 +109,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let load_time = start.elapsed();
     let mut chat = Chat::new(model, tokenizer)?;
-    chat.processor = processor;
+    chat.processor.max_tiles = processor.max_tiles;
     if !args.quiet {
         eprintln!(
             "loaded {} on {:?} in {:.1} s",

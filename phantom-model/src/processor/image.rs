@@ -128,14 +128,15 @@ pub struct PixelValues {
     pub data: Vec<f32>,
     /// Number of tiles (grid tiles plus the thumbnail, if any).
     pub num_tiles: usize,
+    /// Side length of every tile ([`ImageProcessor::tile_size`]).
+    pub tile_size: usize,
 }
 
 impl PixelValues {
-    /// The tensor shape `[num_tiles, 3, TILE_SIZE, TILE_SIZE]` of [`PixelValues::data`].
+    /// The tensor shape `[num_tiles, 3, tile_size, tile_size]` of [`PixelValues::data`].
     #[must_use]
     pub fn shape(&self) -> [usize; 4] {
-        let side = TILE_SIZE as usize;
-        [self.num_tiles, 3, side, side]
+        [self.num_tiles, 3, self.tile_size, self.tile_size]
     }
 }
 
@@ -150,6 +151,8 @@ pub struct ImageProcessor {
     pub use_thumbnail: bool,
     /// Largest accepted `width * height` when decoding (default [`DEFAULT_MAX_PIXELS`]).
     pub max_pixels: u64,
+    /// Tile side in pixels: the vision tower's `image_size` (448 for every released model).
+    pub tile_size: u32,
 }
 
 impl Default for ImageProcessor {
@@ -158,6 +161,7 @@ impl Default for ImageProcessor {
             max_tiles: MAX_TILES_LIMIT,
             use_thumbnail: true,
             max_pixels: DEFAULT_MAX_PIXELS,
+            tile_size: TILE_SIZE,
         }
     }
 }
@@ -216,23 +220,19 @@ impl ImageProcessor {
     /// tile and [`Self::use_thumbnail`] is set.
     #[must_use]
     pub fn tiles(&self, img: &RgbImage) -> Vec<RgbImage> {
-        let (cols, rows) = choose_grid(img.width(), img.height(), self.max_tiles);
-        let resized = resize_bicubic(img, TILE_SIZE * cols, TILE_SIZE * rows);
+        let side = self.tile_size;
+        let (cols, rows) = choose_grid_for(img.width(), img.height(), self.max_tiles, side);
+        let resized = resize_bicubic(img, side * cols, side * rows);
         let mut tiles = Vec::with_capacity((cols * rows) as usize + 1);
         for row in 0..rows {
             for col in 0..cols {
-                let view = ::image::imageops::crop_imm(
-                    &resized,
-                    col * TILE_SIZE,
-                    row * TILE_SIZE,
-                    TILE_SIZE,
-                    TILE_SIZE,
-                );
+                let view =
+                    ::image::imageops::crop_imm(&resized, col * side, row * side, side, side);
                 tiles.push(view.to_image());
             }
         }
         if self.use_thumbnail && tiles.len() > 1 {
-            tiles.push(resize_bicubic(img, TILE_SIZE, TILE_SIZE));
+            tiles.push(resize_bicubic(img, side, side));
         }
         tiles
     }
@@ -245,7 +245,7 @@ impl ImageProcessor {
     #[must_use]
     pub fn preprocess(&self, img: &RgbImage) -> PixelValues {
         let tiles = self.tiles(img);
-        let plane = (TILE_SIZE * TILE_SIZE) as usize;
+        let plane = (self.tile_size * self.tile_size) as usize;
         let mut data = Vec::with_capacity(tiles.len() * 3 * plane);
         for tile in &tiles {
             for channel in 0..3 {
@@ -259,6 +259,7 @@ impl ImageProcessor {
         PixelValues {
             data,
             num_tiles: tiles.len(),
+            tile_size: self.tile_size as usize,
         }
     }
 
@@ -390,6 +391,12 @@ fn to_rgb_like_pillow(img: DynamicImage, png_gray: bool) -> RgbImage {
 /// is returned.
 #[must_use]
 pub fn choose_grid(width: u32, height: u32, max_tiles: usize) -> (u32, u32) {
+    choose_grid_for(width, height, max_tiles, TILE_SIZE)
+}
+
+/// [`choose_grid`] for tiles of `tile_size` pixels (the tie rule's area threshold scales with it).
+#[must_use]
+pub fn choose_grid_for(width: u32, height: u32, max_tiles: usize, tile_size: u32) -> (u32, u32) {
     let max_tiles = max_tiles.min(MAX_TILES_LIMIT) as u32;
     // Both quotients are correctly rounded f64 divisions of exactly representable integers, the
     // same as Python's `/`, so the differences and the `==` tie test match bit for bit.
@@ -397,7 +404,7 @@ pub fn choose_grid(width: u32, height: u32, max_tiles: usize) -> (u32, u32) {
     // Python compares the int area with the float threshold exactly; the threshold
     // 0.5 * 448² * k is an integer, so compare 2 * area against 448² * k in integers.
     let double_area = 2 * u128::from(width) * u128::from(height);
-    let tile_area = u128::from(TILE_SIZE) * u128::from(TILE_SIZE);
+    let tile_area = u128::from(tile_size) * u128::from(tile_size);
 
     let mut best = (1, 1);
     let mut best_diff = f64::INFINITY;

@@ -136,6 +136,16 @@ impl Template {
     /// `<img>` + 256·n_tiles × `<IMG_CONTEXT>` + `</img>`; `n_tiles` has one entry per image,
     /// in order of appearance.
     pub fn render_expanded(self, turns: &[Turn], n_tiles: &[usize]) -> Result<String> {
+        self.render_expanded_for(turns, n_tiles, TOKENS_PER_TILE)
+    }
+
+    /// [`Template::render_expanded`] for a vision tower giving `tokens_per_tile` tokens per tile.
+    pub fn render_expanded_for(
+        self,
+        turns: &[Turn],
+        n_tiles: &[usize],
+        tokens_per_tile: usize,
+    ) -> Result<String> {
         let segments = self.segments(turns)?;
         check_images(&segments, n_tiles)?;
         let mut out = String::new();
@@ -147,7 +157,7 @@ impl Template {
                     // check_images guarantees one entry per placeholder.
                     let n = tiles.next().copied().unwrap_or(0);
                     out.push_str(IMG_START);
-                    out.push_str(&IMG_CONTEXT.repeat(TOKENS_PER_TILE * n));
+                    out.push_str(&IMG_CONTEXT.repeat(tokens_per_tile * n));
                     out.push_str(IMG_END);
                 }
             }
@@ -170,6 +180,18 @@ impl Template {
         turns: &[Turn],
         n_tiles: &[usize],
     ) -> Result<Vec<u32>> {
+        self.encode_for(tokenizer, turns, n_tiles, TOKENS_PER_TILE)
+    }
+
+    /// [`Template::encode`] for a vision tower giving `tokens_per_tile` tokens per tile
+    /// ([`crate::PhantomConfig::tokens_per_tile`]; 256 for every released model).
+    pub fn encode_for(
+        self,
+        tokenizer: &Tokenizer,
+        turns: &[Turn],
+        n_tiles: &[usize],
+        tokens_per_tile: usize,
+    ) -> Result<Vec<u32>> {
         let segments = self.segments(turns)?;
         check_images(&segments, n_tiles)?;
         // Resolved at the first image only, so text-only prompts work with tokenizers that
@@ -188,7 +210,7 @@ impl Template {
                     // check_images guarantees one entry per placeholder.
                     let n = tiles.next().copied().unwrap_or(0);
                     ids.push(image.start);
-                    ids.extend(std::iter::repeat_n(image.context, TOKENS_PER_TILE * n));
+                    ids.extend(std::iter::repeat_n(image.context, tokens_per_tile * n));
                     ids.push(image.end);
                 }
             }
