@@ -1,0 +1,69 @@
+//! `phantom-train demo`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use phantom_train::demo::{DemoOptions, run};
+
+use super::RunArgs;
+
+/// Arguments of `demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Output folder (data, tokenizer, runs, model, report.json).
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Also train SFT-only and plain-attention variants at equal steps and seed.
+    #[arg(long)]
+    ablation: bool,
+    /// Optimizer steps per variant.
+    #[arg(long, default_value_t = DemoOptions::default().steps)]
+    steps: usize,
+    /// Triples per step.
+    #[arg(long, default_value_t = DemoOptions::default().batch_size)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = DemoOptions::default().lr)]
+    lr: f64,
+    /// Phantom weight η of the phantom variants.
+    #[arg(long, default_value_t = DemoOptions::default().eta)]
+    eta: f64,
+    /// Seed of data, weights and order.
+    #[arg(long, default_value_t = DemoOptions::default().seed)]
+    seed: u64,
+    /// Training triples.
+    #[arg(long, default_value_t = DemoOptions::default().train_size)]
+    train_size: usize,
+    /// Held-out triples.
+    #[arg(long, default_value_t = DemoOptions::default().eval_size)]
+    eval_size: usize,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Runs the demo.
+pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let devices = args.run.devices()?;
+    let device = devices
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no device"))?;
+    if args.steps < 2 {
+        anyhow::bail!("--steps must be at least 2");
+    }
+    let options = DemoOptions {
+        out_dir: args.out,
+        ablation: args.ablation,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        eta: args.eta,
+        seed: args.seed,
+        train_size: args.train_size,
+        eval_size: args.eval_size,
+        dashboard: args.run.dashboard(),
+    };
+    let report = run(&options, device)?;
+    println!("report: {}", options.out_dir.join("report.json").display());
+    let _ = report;
+    Ok(())
+}
