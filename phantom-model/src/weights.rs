@@ -231,3 +231,72 @@ pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
     }
     Ok(())
 }
+
+/// Splits the single-file checkpoint in `dir` into `shards` files named as Hugging Face names
+/// them (`model-00001-of-00004.safetensors`, …) plus `model.safetensors.index.json`, the
+/// layout of the released 3.8B and 7B. Tensors keep their order; each shard takes about an
+/// equal share of the bytes. Every file is written under a temporary name and renamed, and the
+/// single file is removed last.
+pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<PathBuf>> {
+    use safetensors::SafeTensors;
+    use safetensors::tensor::TensorView;
+
+    let dir = dir.as_ref();
+    let single = dir.join(WEIGHTS_FILE);
+    if shards < 2 {
+        return Ok(vec![single]);
+    }
+    let bytes = std::fs::read(&single).map_err(|e| PhantomError::io(&single, e))?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| PhantomError::Weights(format!("{}: {e}", single.display())))?;
+    let mut tensors: Vec<(String, TensorView<'_>)> = file.tensors().into_iter().collect::<Vec<_>>();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let total: usize = tensors.iter().map(|(_, t)| t.data().len()).sum();
+    let shards = shards.min(tensors.len().max(1));
+    let per_shard = total.div_ceil(shards);
+
+    let mut groups: Vec<Vec<(String, TensorView<'_>)>> = vec![Vec::new()];
+    let mut filled = 0usize;
+    for (name, view) in tensors {
+        let size = view.data().len();
+        if filled > 0 && filled + size > per_shard && groups.len() < shards {
+            groups.push(Vec::new());
+            filled = 0;
+        }
+        filled += size;
+        if let Some(group) = groups.last_mut() {
+            group.push((name, view));
+        }
+    }
+
+    let count = groups.len();
+    let metadata: Option<std::collections::HashMap<String, String>> =
+        Some([("format".to_string(), "pt".to_string())].into());
+    let mut weight_map = serde_json::Map::new();
+    let mut written = Vec::with_capacity(count);
+    for (i, group) in groups.into_iter().enumerate() {
+        let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        let path = dir.join(&name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        for (key, _) in &group {
+            weight_map.insert(key.clone(), name.clone().into());
+        }
+        safetensors::serialize_to_file(group, metadata.clone(), &tmp)
+            .map_err(|e| PhantomError::Weights(format!("writing {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(|e| PhantomError::io(&path, e))?;
+        written.push(path);
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": total },
+        "weight_map": weight_map,
+    });
+    let index_path = dir.join(INDEX_FILE);
+    let tmp = dir.join(format!(".{INDEX_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(&index)
+        .map_err(|e| PhantomError::Weights(format!("serialising the index: {e}")))?;
+    std::fs::write(&tmp, text).map_err(|e| PhantomError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &index_path).map_err(|e| PhantomError::io(&index_path, e))?;
+    drop(bytes);
+    std::fs::remove_file(&single).map_err(|e| PhantomError::io(&single, e))?;
+    Ok(written)
+}

@@ -139,6 +139,40 @@ fn weights_round_trip_through_the_official_layout() {
     }
 }
 
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let device = device();
+    for name in ["internlm2_tiny", "phi3_tiny"] {
+        let fx = Fixture::open(name);
+        let model = fx.model(&device);
+        let dir =
+            std::env::temp_dir().join(format!("phantom-shards-{name}-{}", std::process::id()));
+        phantom_model::save_model(&model, &dir).unwrap();
+        let files = phantom_model::split_into_shards(&dir, 3).unwrap();
+        assert_eq!(files.len(), 3, "{name}: {files:?}");
+        assert!(!dir.join("model.safetensors").exists());
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        let mut keys: Vec<String> = files
+            .iter()
+            .flat_map(|f| safetensors_keys(f).into_iter().map(|(k, _)| k))
+            .collect();
+        keys.sort();
+        let mut indexed: Vec<String> = map.keys().cloned().collect();
+        indexed.sort();
+        assert_eq!(keys, indexed, "{name}: the index lists every tensor once");
+        let reloaded = phantom_model::load_model(&dir, &device, Default::default()).unwrap();
+        let input = fx.input("text");
+        let a = values(model.forward(&input, None).unwrap());
+        let b = values(reloaded.forward(&input, None).unwrap());
+        assert_eq!(a, b, "{name}: the sharded model computes the same logits");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 fn safetensors_keys(path: &std::path::Path) -> Vec<(String, Vec<usize>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

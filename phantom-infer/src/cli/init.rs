@@ -15,6 +15,10 @@ pub struct InitArgs {
     /// Output folder (config.json + model.safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// Split the weights into this many shards with an index, as the released 3.8B and 7B
+    /// are (1 = a single model.safetensors).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
 }
 
 /// `phantom-infer init`.
@@ -24,10 +28,13 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
         .or_else(|_| phantom_model::device::device(None))?;
     let model = PhantomModel::new(config, &device);
     phantom_model::save_model(&model, &args.out)?;
+    drop(model);
+    let files = phantom_model::split_into_shards(&args.out, args.shards)?;
     eprintln!(
-        "wrote a random {} checkpoint to {}",
+        "wrote a random {} checkpoint to {} ({} weight file(s))",
         args.size,
-        args.out.display()
+        args.out.display(),
+        files.len()
     );
     Ok(())
 }
