@@ -257,8 +257,11 @@ pub fn train(
 
     let settings = StepSettings::new(config.loss, config.accumulation, config.max_grad_norm);
     let po = PoModel::new(model, settings.clone());
+    // ε = 1e-8 as in PyTorch: with Burn's default 1e-5 the small gradients that reach the
+    // vision tower through the projector are damped several-fold.
     let optim = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
+        .with_epsilon(1e-8)
         .init();
     let learner = Learner::new(po, optim, schedule(config, steps)?);
 

@@ -16,7 +16,7 @@ use phantom_train::batch::{PreferenceBatch, TripleEncoder};
 use phantom_train::data::{FieldNames, Triple, read_triples};
 use phantom_train::demo::{self, DemoOptions, shapes};
 use phantom_train::loader::TripleSource;
-use phantom_train::stage::{Stage, prepare, with_autodiff};
+use phantom_train::stage::{LoraSettings, Stage, count_trainable, prepare, with_autodiff};
 use phantom_train::step::{PoModel, StepSettings};
 use phantom_train::trainer::{Dashboard, TrainConfig, train};
 use phantom_train::{PreferenceLoss, TrainError};
@@ -318,4 +318,33 @@ fn the_demo_trains_exports_and_answers() {
     let loaded = load_model(&model_dir, &device, LoadOptions::default()).expect("load export");
     assert_eq!(loaded.config.phantom_eta, 1.0);
     Tokenizer::from_file(model_dir.join("tokenizer.json")).expect("tokenizer in the export");
+}
+
+#[test]
+fn stage_two_lora_trains_adapters_and_exports_plain_weights() {
+    let s = setup(4);
+    let base = model(&s);
+    let full = prepare(with_autodiff(base.clone()), Stage::Two, false, None).expect("stage 2");
+    let lora = prepare(
+        with_autodiff(base.clone()),
+        Stage::Two,
+        false,
+        Some(LoraSettings {
+            rank: 2,
+            alpha: 4.0,
+        }),
+    )
+    .expect("stage 2 with LoRA");
+    let (full_trainable, total) = count_trainable(&full);
+    let (lora_trainable, _) = count_trainable(&lora);
+    let (stage1, _) =
+        count_trainable(&prepare(with_autodiff(base), Stage::One, false, None).expect("stage 1"));
+    assert!(
+        stage1 < lora_trainable && lora_trainable < full_trainable && full_trainable < total,
+        "stage 1 {stage1}, LoRA {lora_trainable}, stage 2 {full_trainable}, total {total}"
+    );
+    // Folding the adapters gives a model in the official layout again.
+    let dir = s.root.join("lora-export");
+    phantom_model::save_model(&lora.materialize(), &dir).expect("save");
+    load_model(&dir, &s.device, LoadOptions::default()).expect("the export loads");
 }

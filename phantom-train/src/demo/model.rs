@@ -51,7 +51,7 @@ pub fn config(tokenizer: &Tokenizer, eta: f64) -> Result<PhantomConfig> {
             "vocab_size": tokenizer.vocab_size(),
             "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0,
-            "max_position_embeddings": 512,
+            "max_position_embeddings": 2048,
             "tie_word_embeddings": true,
             "hidden_act": "silu",
             "use_sliding_window": false,
