@@ -38,13 +38,15 @@ impl TripleSource {
             .triples
             .get(index)
             .ok_or_else(|| TrainError::Record(format!("no record {index}")))?;
+        // Errors name the record by its place in the file when it is known.
+        let named = |e: &dyn std::fmt::Display| {
+            let at = triple
+                .location
+                .map_or_else(|| format!("triple {index}"), |l| l.to_string());
+            TrainError::Record(format!("{at}: {e}"))
+        };
         let image = match &triple.image {
-            Some(path) => Some(self.encoder.processor.open(path).map_err(|e| {
-                let at = triple
-                    .location
-                    .map_or_else(|| format!("triple {index}"), |l| l.to_string());
-                TrainError::Record(format!("{at}: {e}"))
-            })?),
+            Some(path) => Some(self.encoder.processor.open(path).map_err(|e| named(&e))?),
             None => None,
         };
         self.encoder
@@ -54,12 +56,7 @@ impl TripleSource {
                 &triple.rejected,
                 image.as_ref(),
             )
-            .map_err(|e| {
-                let at = triple
-                    .location
-                    .map_or_else(|| format!("triple {index}"), |l| l.to_string());
-                TrainError::Record(format!("{at}: {e}"))
-            })
+            .map_err(|e| named(&e))
     }
 
     /// Checks every triple before training without decoding pixels: the image header is

@@ -34,15 +34,7 @@ fn setup(samples: usize) -> Setup {
     let root = dir.path().to_path_buf();
     let data = shapes::generate(samples, 11, demo::model::IMAGE_SIZE as u32);
     let file = shapes::write_jsonl(&root.join("data"), &data, "train").expect("write data");
-    let corpus: Vec<String> = data
-        .iter()
-        .map(|s| {
-            format!(
-                "<|im_start|>user\n{}<|im_end|><|im_start|>assistant\n{}<|im_end|> {}",
-                s.question, s.chosen, s.rejected
-            )
-        })
-        .collect();
+    let corpus = demo::tokenizer_corpus(&data);
     let trained = demo::tokenizer::train_tokenizer(&corpus, 400).expect("tokenizer");
     let tokenizer_path = root.join("tokenizer.json");
     demo::tokenizer::save(&trained, &tokenizer_path).expect("save tokenizer");

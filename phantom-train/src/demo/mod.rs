@@ -310,7 +310,7 @@ pub fn run(options: &DemoOptions, device: &Device) -> Result<DemoReport> {
 }
 
 /// Every text the model will see: questions and answers inside the chat template.
-fn tokenizer_corpus(samples: &[ShapeSample]) -> Vec<String> {
+pub fn tokenizer_corpus(samples: &[ShapeSample]) -> Vec<String> {
     samples
         .iter()
         .map(|s| {
