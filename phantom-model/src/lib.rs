@@ -22,4 +22,4 @@ pub use cache::KvCache;
 pub use config::PhantomConfig;
 pub use error::{PhantomError, Result};
 pub use model::{ModelInput, PhantomModel};
-pub use weights::{LoadOptions, load_model, save_model, split_into_shards};
+pub use weights::{LoadOptions, WeightLoader, load_model, save_model, split_into_shards};

@@ -140,61 +140,111 @@ pub fn load_weights(
     files: &[PathBuf],
     options: LoadOptions,
 ) -> Result<()> {
-    let backbone = model.config.llm.backbone;
-    let mut missing: Option<BTreeSet<String>> = None;
-    let mut unexpected = BTreeSet::new();
-    let mut problems = Vec::new();
+    let mut loader = WeightLoader::new(model, options);
     for file in files {
-        let mut store = SafetensorsStore::from_file(file)
-            .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(options.dtype)))
+        loader.file(file)?;
+    }
+    loader.finish()
+}
+
+/// Fills a model from a checkpoint read in parts: files, shards, or safetensors blobs holding
+/// any subset of the tensors (a browser hands over one slice of a download at a time, so that
+/// the whole file never sits in memory next to the loaded weights).
+///
+/// A tensor counts as missing only when no part held it; every mismatch of every part is
+/// reported together by [`WeightLoader::finish`].
+pub struct WeightLoader<'m> {
+    model: &'m mut PhantomModel,
+    options: LoadOptions,
+    missing: Option<BTreeSet<String>>,
+    unexpected: BTreeSet<String>,
+    problems: Vec<String>,
+    sources: Vec<String>,
+}
+
+impl<'m> WeightLoader<'m> {
+    /// Starts loading into `model`.
+    pub fn new(model: &'m mut PhantomModel, options: LoadOptions) -> Self {
+        Self {
+            model,
+            options,
+            missing: None,
+            unexpected: BTreeSet::new(),
+            problems: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    /// Loads the tensors of a safetensors file.
+    pub fn file(&mut self, path: &Path) -> Result<()> {
+        self.part(
+            SafetensorsStore::from_file(path),
+            path.display().to_string(),
+        )
+    }
+
+    /// Loads the tensors of a safetensors blob held in memory; `name` identifies it in errors.
+    pub fn bytes(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.part(SafetensorsStore::from_bytes(Some(bytes)), name.to_string())
+    }
+
+    fn part(&mut self, store: SafetensorsStore, name: String) -> Result<()> {
+        let mut store = store
+            .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(self.options.dtype)))
             .skip_enum_variants(true)
             .validate(false)
             .allow_partial(true);
-        for (from, to) in renames(backbone, false) {
+        for (from, to) in renames(self.model.config.llm.backbone, false) {
             store = store.with_key_remapping(from, to);
         }
-        let result = model
+        let result = self
+            .model
             .load_from(&mut store)
-            .map_err(|e| PhantomError::Weights(format!("{}: {e}", file.display())))?;
+            .map_err(|e| PhantomError::Weights(format!("{name}: {e}")))?;
         let here: BTreeSet<String> = result
             .missing
             .iter()
             .map(|(path, _)| path.clone())
             .collect();
-        missing = Some(match missing {
+        self.missing = Some(match self.missing.take() {
             None => here,
             Some(before) => before.intersection(&here).cloned().collect(),
         });
-        unexpected.extend(result.unused);
-        problems.extend(result.errors.iter().map(|e| e.to_string()));
+        self.unexpected.extend(result.unused);
+        self.problems
+            .extend(result.errors.iter().map(|e| e.to_string()));
+        self.sources.push(name);
+        Ok(())
     }
-    if model.config.llm.tie_word_embeddings {
-        unexpected.retain(|key| !TIED_HEAD_KEYS.contains(&key.as_str()));
+
+    /// Checks that the parts together held every tensor, and nothing else.
+    pub fn finish(mut self) -> Result<()> {
+        if self.model.config.llm.tie_word_embeddings {
+            self.unexpected
+                .retain(|key| !TIED_HEAD_KEYS.contains(&key.as_str()));
+        }
+        let missing = self.missing.unwrap_or_default();
+        let (problems, unexpected) = (self.problems, self.unexpected);
+        if missing.is_empty() && unexpected.is_empty() && problems.is_empty() {
+            return Ok(());
+        }
+        let mut report = String::new();
+        for p in &problems {
+            report.push_str(&format!("  mis-shaped: {p}\n"));
+        }
+        for m in &missing {
+            report.push_str(&format!("  missing: {m}\n"));
+        }
+        for u in &unexpected {
+            report.push_str(&format!("  unexpected: {u}\n"));
+        }
+        Err(PhantomError::Weights(format!(
+            "{} problem(s) loading {}:\n{}",
+            problems.len() + missing.len() + unexpected.len(),
+            self.sources.join(", "),
+            report.trim_end()
+        )))
     }
-    let missing = missing.unwrap_or_default();
-    if missing.is_empty() && unexpected.is_empty() && problems.is_empty() {
-        return Ok(());
-    }
-    let mut report = String::new();
-    for p in &problems {
-        report.push_str(&format!("  mis-shaped: {p}\n"));
-    }
-    for m in &missing {
-        report.push_str(&format!("  missing: {m}\n"));
-    }
-    for u in &unexpected {
-        report.push_str(&format!("  unexpected: {u}\n"));
-    }
-    Err(PhantomError::Weights(format!(
-        "{} problem(s) loading {}:\n{}",
-        problems.len() + missing.len() + unexpected.len(),
-        files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        report.trim_end()
-    )))
 }
 
 /// Writes `model` as a Hugging Face style folder in the official layout: `config.json` and a
