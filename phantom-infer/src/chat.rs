@@ -10,7 +10,8 @@ use phantom_model::processor::prompt::{IMAGE_PLACEHOLDER, Template, Turn};
 use phantom_model::processor::tokenizer::Tokenizer;
 use phantom_model::{ModelInput, PhantomModel, Result};
 
-use crate::generate::{Generation, GenerationConfig, TokenEvent, generate};
+use crate::blocking::block_on;
+use crate::generate::{Generation, GenerationConfig, TokenEvent, generate_async};
 
 /// Name of the tokenizer file in a model folder.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -126,6 +127,17 @@ impl Chat {
         turns: &[Turn],
         images: &[RgbImage],
         config: &GenerationConfig,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(String, Generation)> {
+        block_on(self.answer_async(turns, images, config, on_text))
+    }
+
+    /// [`Chat::answer`] for callers that must not block (browsers).
+    pub async fn answer_async(
+        &self,
+        turns: &[Turn],
+        images: &[RgbImage],
+        config: &GenerationConfig,
         mut on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<(String, Generation)> {
         let prepared = self.prepare(turns, images)?;
@@ -141,7 +153,7 @@ impl Chat {
             .skip_special_tokens(true);
         let mut text = String::new();
         let mut failure = None;
-        let generation = generate(
+        let generation = generate_async(
             &self.model,
             &prepared.input,
             pixels,
@@ -162,7 +174,8 @@ impl Chat {
                     }
                 }
             },
-        )?;
+        )
+        .await?;
         if let Some(e) = failure {
             return Err(e.into());
         }

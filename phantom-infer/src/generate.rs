@@ -9,6 +9,7 @@ use phantom_model::{ModelInput, PhantomError, PhantomModel, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::blocking::block_on;
 use crate::session::{Session, Timings};
 
 /// How the next token is chosen.
@@ -112,6 +113,18 @@ pub fn generate(
     input: &ModelInput,
     pixel_values: Option<Tensor<4>>,
     config: &GenerationConfig,
+    on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    block_on(generate_async(model, input, pixel_values, config, on_token))
+}
+
+/// [`generate`] for callers that must not block (browsers): every readback of the device is
+/// awaited, so WebGPU can deliver results between tokens.
+pub async fn generate_async(
+    model: &PhantomModel,
+    input: &ModelInput,
+    pixel_values: Option<Tensor<4>>,
+    config: &GenerationConfig,
     mut on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
     config.validate()?;
@@ -124,7 +137,7 @@ pub fn generate(
         )));
     }
     if config.num_beams > 1 {
-        let result = beam_search(model, input, pixel_values, config)?;
+        let result = beam_search(model, input, pixel_values, config).await?;
         'rows: for (row, seq) in result.sequences.iter().enumerate() {
             for &token in seq {
                 if on_token(TokenEvent { row, token }).is_break() {
@@ -134,10 +147,10 @@ pub fn generate(
         }
         return Ok(result);
     }
-    sample_loop(model, input, pixel_values, config, &mut on_token)
+    sample_loop(model, input, pixel_values, config, &mut on_token).await
 }
 
-fn sample_loop(
+async fn sample_loop(
     model: &PhantomModel,
     input: &ModelInput,
     pixel_values: Option<Tensor<4>>,
@@ -153,7 +166,7 @@ fn sample_loop(
             timings: Timings::default(),
         });
     }
-    let (mut session, mut logits) = Session::prefill(model, input, pixel_values)?;
+    let (mut session, mut logits) = Session::prefill_async(model, input, pixel_values).await?;
     let mut rng = StdRng::seed_from_u64(config.seed);
     let mut history: Vec<Vec<u32>> = input
         .input_ids
@@ -172,7 +185,7 @@ fn sample_loop(
     // advance together.
     let filler = config.stop_token_ids.first().copied().unwrap_or(0);
     for step in 0..config.max_new_tokens {
-        let next = choose(logits, &history, config, &mut rng)?;
+        let next = choose(logits, &history, config, &mut rng).await?;
         let mut stop = false;
         for row in 0..b {
             if done[row] {
@@ -194,7 +207,7 @@ fn sample_loop(
         let feed: Vec<u32> = (0..b)
             .map(|row| if done[row] { filler } else { next[row] })
             .collect();
-        logits = session.step(&feed)?;
+        logits = session.step_async(&feed).await?;
     }
     Ok(Generation {
         sequences,
@@ -203,7 +216,7 @@ fn sample_loop(
 }
 
 /// Picks one token per row from next-token logits `[B, V]`.
-fn choose(
+async fn choose(
     logits: Tensor<2>,
     history: &[Vec<u32>],
     config: &GenerationConfig,
@@ -212,14 +225,14 @@ fn choose(
     let [b, v] = logits.dims();
     if config.temperature == 0.0 && config.repetition_penalty == 1.0 {
         // Greedy needs only the argmax; keep the logits on the device.
-        let ids = logits.argmax(1).into_data().convert::<i64>();
+        let ids = read_back(logits.argmax(1)).await?.convert::<i64>();
         let ids = ids
             .try_to_vec::<i64>()
             .map_err(|e| PhantomError::Input(format!("{e:?}")))?;
         return Ok(ids.into_iter().map(|i| i as u32).collect());
     }
-    let host = logits
-        .into_data()
+    let host = read_back(logits)
+        .await?
         .convert::<f32>()
         .try_to_vec::<f32>()
         .map_err(|e| PhantomError::Input(format!("{e:?}")))?;
@@ -314,7 +327,7 @@ struct Hypothesis {
 /// Beam search with length-normalised scores (sum of log-probabilities ÷ new tokens), as the
 /// paper's evaluation uses with 3 beams. Each prompt row keeps `num_beams` live hypotheses;
 /// a row is finished once it holds `num_beams` completed ones and no live beam can beat them.
-fn beam_search(
+async fn beam_search(
     model: &PhantomModel,
     input: &ModelInput,
     pixel_values: Option<Tensor<4>>,
@@ -322,11 +335,11 @@ fn beam_search(
 ) -> Result<Generation> {
     let (b, _) = input.dims();
     let k = config.num_beams;
-    let (mut session, logits) = Session::prefill(model, input, pixel_values)?;
+    let (mut session, logits) = Session::prefill_async(model, input, pixel_values).await?;
     // Expand each prompt row into k beams sharing its cache.
     let rows: Vec<usize> = (0..b).flat_map(|r| std::iter::repeat_n(r, k)).collect();
     session.select_rows(&rows);
-    let mut logprobs = host_log_softmax(logits)?;
+    let mut logprobs = host_log_softmax(logits).await?;
     // Only the first beam of a row is live at the start, so identical beams are not kept.
     let mut beams: Vec<Vec<Hypothesis>> = (0..b)
         .map(|_| {
@@ -405,7 +418,7 @@ fn beam_search(
             break;
         }
         session.select_rows(&next_rows);
-        logprobs = host_log_softmax(session.step(&next_tokens)?)?;
+        logprobs = host_log_softmax(session.step_async(&next_tokens).await?).await?;
     }
     let sequences = (0..b)
         .map(|row| {
@@ -424,12 +437,24 @@ fn beam_search(
     })
 }
 
-fn host_log_softmax(logits: Tensor<2>) -> Result<Vec<Vec<f32>>> {
+async fn host_log_softmax(logits: Tensor<2>) -> Result<Vec<Vec<f32>>> {
     let [_, v] = logits.dims();
-    let lp = burn::tensor::activation::log_softmax(logits, 1)
-        .into_data()
+    let lp = read_back(burn::tensor::activation::log_softmax(logits, 1))
+        .await?
         .convert::<f32>()
         .try_to_vec::<f32>()
         .map_err(|e| PhantomError::Input(format!("{e:?}")))?;
     Ok(lp.chunks(v).map(<[f32]>::to_vec).collect())
+}
+
+/// Copies a tensor to the host without blocking the thread (the only way a browser's GPU can
+/// answer).
+async fn read_back<const D: usize, K>(tensor: Tensor<D, K>) -> Result<TensorData>
+where
+    K: burn::tensor::kind::Basic,
+{
+    tensor
+        .into_data_async()
+        .await
+        .map_err(|e| PhantomError::Device(format!("reading a result back from the device: {e}")))
 }

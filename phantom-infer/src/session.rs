@@ -1,10 +1,13 @@
 //! A running batch of sequences: prefill once, then one token per row per step, with the KV
 //! cache (and the phantom vectors) carried between calls.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::prelude::*;
 use phantom_model::{KvCache, ModelInput, PhantomError, PhantomModel, Result};
+use web_time::Instant;
+
+use crate::blocking::block_on;
 
 /// Wall-clock time spent in each phase.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -23,6 +26,40 @@ pub struct Timings {
     pub decode_tokens: usize,
 }
 
+impl Timings {
+    /// Prompt tokens per second of the prefill (0 when nothing was timed).
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        per_second(self.prompt_tokens, self.prefill)
+    }
+
+    /// Decoded tokens per second (0 when nothing was timed).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        per_second(self.decode_tokens, self.decode)
+    }
+
+    /// The timings as the JSON object that `phantom-infer chat --json` and the browser report.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tiles": self.tiles,
+            "vision_ms": self.vision.as_secs_f64() * 1e3,
+            "prompt_tokens": self.prompt_tokens,
+            "prefill_ms": self.prefill.as_secs_f64() * 1e3,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s(),
+            "decode_tokens": self.decode_tokens,
+            "decode_ms": self.decode.as_secs_f64() * 1e3,
+            "decode_tokens_per_s": self.decode_tokens_per_s(),
+        })
+    }
+}
+
+fn per_second(n: usize, d: Duration) -> f64 {
+    if d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
+}
+
 /// A batch being generated: the model, its cache, and the timings so far.
 pub struct Session<'m> {
     model: &'m PhantomModel,
@@ -39,14 +76,23 @@ impl<'m> Session<'m> {
         input: &ModelInput,
         pixel_values: Option<Tensor<4>>,
     ) -> Result<(Self, Tensor<2>)> {
+        block_on(Self::prefill_async(model, input, pixel_values))
+    }
+
+    /// [`Session::prefill`] for callers that must not block (browsers).
+    pub async fn prefill_async(
+        model: &'m PhantomModel,
+        input: &ModelInput,
+        pixel_values: Option<Tensor<4>>,
+    ) -> Result<(Self, Tensor<2>)> {
         let start = Instant::now();
         let tiles = pixel_values.as_ref().map_or(0, |p| p.dims()[0]);
         let vision = pixel_values.map(|p| model.encode_images(p)).transpose()?;
         if let Some(v) = &vision {
-            sync(v);
+            settle(v).await;
         }
         let vision_time = start.elapsed();
-        let (mut session, logits) = Self::prefill_vision_tokens(model, input, vision)?;
+        let (mut session, logits) = Self::prefill_vision_tokens_async(model, input, vision).await?;
         session.timings.vision = vision_time;
         session.timings.tiles = tiles;
         Ok((session, logits))
@@ -54,6 +100,15 @@ impl<'m> Session<'m> {
 
     /// Like [`Session::prefill`], with the vision tokens (`[N, 256, D]`) already computed.
     pub fn prefill_vision_tokens(
+        model: &'m PhantomModel,
+        input: &ModelInput,
+        vision: Option<Tensor<3>>,
+    ) -> Result<(Self, Tensor<2>)> {
+        block_on(Self::prefill_vision_tokens_async(model, input, vision))
+    }
+
+    /// [`Session::prefill_vision_tokens`] for callers that must not block (browsers).
+    pub async fn prefill_vision_tokens_async(
         model: &'m PhantomModel,
         input: &ModelInput,
         vision: Option<Tensor<3>>,
@@ -79,7 +134,7 @@ impl<'m> Session<'m> {
         let mut cache = model.new_cache(b);
         let hidden = model.forward_embeds(embeds, &input.attention_mask, &mut cache, None)?;
         let logits = last_logits(model, hidden);
-        sync(&logits);
+        settle(&logits).await;
         timings.prefill = start.elapsed();
         Ok((
             Self {
@@ -93,6 +148,11 @@ impl<'m> Session<'m> {
 
     /// Feeds one token per row and returns the next-token logits `[B, V]`.
     pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor<2>> {
+        block_on(self.step_async(tokens))
+    }
+
+    /// [`Session::step`] for callers that must not block (browsers).
+    pub async fn step_async(&mut self, tokens: &[u32]) -> Result<Tensor<2>> {
         let start = Instant::now();
         let input = ModelInput::unpadded(tokens.iter().map(|&t| vec![t]).collect());
         let embeds = self.model.embed(&input, None)?;
@@ -100,7 +160,7 @@ impl<'m> Session<'m> {
             self.model
                 .forward_embeds(embeds, &input.attention_mask, &mut self.cache, None)?;
         let logits = last_logits(self.model, hidden);
-        sync(&logits);
+        settle(&logits).await;
         self.timings.decode += start.elapsed();
         self.timings.decode_tokens += tokens.len();
         Ok(logits)
@@ -134,7 +194,18 @@ fn last_logits(model: &PhantomModel, hidden: Tensor<3>) -> Tensor<2> {
     logits.reshape([b, v])
 }
 
-/// Waits for queued device work so that timings are honest on asynchronous backends.
-fn sync<const D: usize>(t: &Tensor<D>) {
-    let _ = t.device().sync();
+/// Waits for the device work queued up to `t` so that timings are honest on asynchronous
+/// backends. Errors are left to the readback that follows, which reports them.
+async fn settle<const D: usize>(t: &Tensor<D>) {
+    #[cfg(not(target_family = "wasm"))]
+    {
+        let _ = t.device().sync();
+    }
+    // A browser cannot block on the GPU: reading one value back waits for everything queued
+    // before it, without copying the whole tensor.
+    #[cfg(target_family = "wasm")]
+    {
+        let one = t.clone().flatten::<1>(0, D - 1).narrow(0, 0, 1);
+        let _ = one.into_data_async().await;
+    }
 }

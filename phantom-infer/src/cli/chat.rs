@@ -155,7 +155,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "answer": answer,
                     "tokens": generation.sequences[0],
-                    "timings": timings_json(&generation.timings),
+                    "timings": generation.timings.to_json(),
                 })
             );
         } else {
@@ -192,14 +192,6 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn per_second(n: usize, d: Duration) -> f64 {
-    if d.is_zero() {
-        0.0
-    } else {
-        n as f64 / d.as_secs_f64()
-    }
-}
-
 fn describe(t: &Timings) -> String {
     let mut parts = Vec::new();
     if t.tiles > 0 {
@@ -214,26 +206,13 @@ fn describe(t: &Timings) -> String {
         "prefill {} tokens in {:.0} ms ({:.1} tok/s)",
         t.prompt_tokens,
         t.prefill.as_secs_f64() * 1e3,
-        per_second(t.prompt_tokens, t.prefill)
+        t.prefill_tokens_per_s()
     ));
     parts.push(format!(
         "decode {} tokens in {:.0} ms ({:.1} tok/s)",
         t.decode_tokens,
         t.decode.as_secs_f64() * 1e3,
-        per_second(t.decode_tokens, t.decode)
+        t.decode_tokens_per_s()
     ));
     parts.join(" · ")
-}
-
-fn timings_json(t: &Timings) -> serde_json::Value {
-    serde_json::json!({
-        "tiles": t.tiles,
-        "vision_ms": t.vision.as_secs_f64() * 1e3,
-        "prompt_tokens": t.prompt_tokens,
-        "prefill_ms": t.prefill.as_secs_f64() * 1e3,
-        "prefill_tokens_per_s": per_second(t.prompt_tokens, t.prefill),
-        "decode_tokens": t.decode_tokens,
-        "decode_ms": t.decode.as_secs_f64() * 1e3,
-        "decode_tokens_per_s": per_second(t.decode_tokens, t.decode),
-    })
 }
