@@ -3,11 +3,13 @@
 //! fixture model (`demo.*` in the fixtures: astronaut.png, "Describe the image in detail.").
 
 use std::ops::ControlFlow;
+use std::path::Path;
 
 use phantom_infer::{Chat, GenerationConfig};
 use phantom_model::processor::image::ImageProcessor;
 use phantom_model::processor::prompt::Turn;
 use phantom_model::processor::tokenizer::Tokenizer;
+use phantom_model::weights::{LoadOptions, load_model};
 use phantom_tests::*;
 
 /// The fixture model with the toy tokenizer its reference run used (bytes ↦ id + 16).
@@ -77,4 +79,35 @@ fn multi_turn_prompts_render_previous_answers() {
         text,
         "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|><|im_start|>user\nBye<|im_end|><|im_start|>assistant\n"
     );
+}
+
+/// The demo model `phantom-train demo` trained (the browser test's model, see
+/// `tests/fixtures/demo_model/README.md`) answers a held-out question as it did when trained,
+/// on every test backend.
+#[test]
+fn trained_demo_model_answers_its_held_out_question() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo_model");
+    let image = ImageProcessor::default()
+        .open(dir.join("square.png"))
+        .unwrap();
+    let turns = [Turn::question("What colour is the square?")];
+    for (name, device) in test_devices() {
+        let model = load_model(&dir, &device, LoadOptions::default()).unwrap();
+        let chat = Chat::from_dir(model, &dir).unwrap();
+        let config = GenerationConfig {
+            max_new_tokens: 16,
+            ..GenerationConfig::default()
+        };
+        let (text, generation) = chat
+            .answer(&turns, std::slice::from_ref(&image), &config, |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(text, "The square is red.", "{name}");
+        assert_eq!(
+            generation.sequences[0],
+            [273, 323, 266, 337, 19, 2],
+            "{name}"
+        );
+    }
 }

@@ -1,5 +1,10 @@
 //! `cargo xtask …`: the project's tasks in one place.
 
+mod serve;
+mod test_web;
+mod web;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -34,7 +39,96 @@ enum Task {
         #[arg(long)]
         no_torch: bool,
     },
+    /// The browser build: `phantom-wasm` for wasm32 in release, and its JavaScript glue from
+    /// the `wasm-bindgen` CLI at the locked version (installed from crates.io if missing) in
+    /// `phantom-wasm/web/pkg/`.
+    Wasm,
+    /// Serves the web page on 127.0.0.1, with a model folder at `model/` (run `cargo xtask
+    /// wasm` first).
+    ServeWeb {
+        /// Port on 127.0.0.1.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[command(flatten)]
+        model: WebModel,
+    },
+    /// The page end to end in headless Chromium, on WebAssembly (CPU) and on WebGPU, checked
+    /// against the native CLI's greedy answer for the same input.
+    TestWeb {
+        #[command(flatten)]
+        model: WebModel,
+        /// The picture to ask about.
+        #[arg(long, default_value = "tests/fixtures/demo_model/square.png")]
+        image: PathBuf,
+        /// The question.
+        #[arg(long, default_value = "What colour is the square?")]
+        prompt: String,
+        /// New tokens of both answers.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// Times the question is asked on each loaded page (later answers run with the GPU
+        /// kernels already compiled).
+        #[arg(long, default_value_t = 1)]
+        asks: usize,
+        /// A built phantom-infer binary for the native answer (default: build it).
+        #[arg(long)]
+        native_bin: Option<PathBuf>,
+        /// Browser backends to test.
+        #[arg(long, value_delimiter = ',', default_value = "cpu,webgpu")]
+        backends: Vec<String>,
+        /// The Chromium to drive.
+        #[arg(long, default_value = "/usr/bin/chromium")]
+        chromium: PathBuf,
+        /// Seconds allowed to each browser run.
+        #[arg(long, default_value_t = 900)]
+        timeout_s: u64,
+        /// Use the page's existing build instead of running `cargo xtask wasm`.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
+
+/// The demo model `phantom-train demo` trained, served by default.
+const DEFAULT_WEB_MODEL: &str = "tests/fixtures/demo_model";
+/// The tiny reference model of the parity tests, whose tokenizer lives apart from it.
+const TINY_MODEL: &str = "tests/fixtures/phantom-ref/tiny_tied";
+
+/// The model a web task serves.
+#[derive(clap::Args)]
+struct WebModel {
+    /// Model folder with config.json and model.safetensors (or shards); the default is the
+    /// demo model trained by `phantom-train demo`.
+    #[arg(long, default_value = DEFAULT_WEB_MODEL)]
+    model: PathBuf,
+    /// tokenizer.json to serve with it (default: the one in the model folder, or the toy
+    /// tokenizer of the tests for the tiny reference model).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+impl WebModel {
+    /// Absolute paths (the tasks run from the repository root either way).
+    fn resolve(&self) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+        let root = web::root();
+        let model = root.join(&self.model);
+        if !model.join("config.json").is_file() {
+            bail!("{} has no config.json", model.display());
+        }
+        let tokenizer = match &self.tokenizer {
+            Some(t) => Some(root.join(t)),
+            None if !model.join("tokenizer.json").is_file()
+                && self.model == Path::new(TINY_MODEL) =>
+            {
+                Some(root.join("tests/fixtures/toy_tokenizer/tokenizer.json"))
+            }
+            None => None,
+        };
+        Ok((model, tokenizer))
+    }
+}
+
+/// The features of `cargo xtask test`: every CPU backend and wgpu, unified across the workspace.
+pub(crate) const TEST_FEATURES: &str = "phantom-tests/ndarray,phantom-tests/wgpu";
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -218,7 +312,7 @@ fn main() -> anyhow::Result<()> {
             let features = if no_wgpu {
                 "phantom-tests/ndarray"
             } else {
-                "phantom-tests/ndarray,phantom-tests/wgpu"
+                TEST_FEATURES
             };
             let mut test = cargo();
             test.args(["test", "--workspace", "--features", features]);
@@ -232,5 +326,54 @@ fn main() -> anyhow::Result<()> {
             decode_steps,
             no_torch,
         } => bench_infer(&sizes, decode_steps, no_torch),
+        Task::Wasm => web::build(),
+        Task::ServeWeb { port, model } => {
+            let (model, tokenizer) = model.resolve()?;
+            let mut site = serve::Site::default()
+                .folder("/", web::web_dir())
+                .folder("/model/", &model);
+            if let Some(t) = tokenizer {
+                site = site.file("/model/tokenizer.json", t);
+            }
+            if !web::web_dir().join("pkg/phantom_wasm.js").is_file() {
+                eprintln!("xtask: phantom-wasm/web/pkg is missing; run `cargo xtask wasm` first");
+            }
+            let addr = serve::start(site, port)?;
+            println!(
+                "Serving the Phantom page at http://{addr}/ (model: {}); Ctrl-C stops.",
+                model.display()
+            );
+            loop {
+                std::thread::park();
+            }
+        }
+        Task::TestWeb {
+            model,
+            image,
+            prompt,
+            max_new_tokens,
+            asks,
+            native_bin,
+            backends,
+            chromium,
+            timeout_s,
+            no_build,
+        } => {
+            let (model, tokenizer) = model.resolve()?;
+            test_web::TestWeb {
+                model,
+                tokenizer,
+                image: web::root().join(image),
+                prompt,
+                max_new_tokens,
+                asks,
+                native_bin: native_bin.map(|b| web::root().join(b)),
+                backends,
+                chromium,
+                timeout_s,
+                no_build,
+            }
+            .run()
+        }
     }
 }
