@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 
 use crate::error::{PhantomError, Result};
 
@@ -90,6 +91,97 @@ impl fmt::Display for DeviceSpec {
             Self::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
+}
+
+/// The float precision a model computes in.
+///
+/// The released checkpoints are bf16; f32 (the default) computes what the parity tests check.
+/// Half precision halves the weights' memory where the backend computes in it (flex, tch, CUDA;
+/// wgpu with the adapter's `shader-f16` for f16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16, the checkpoints' own precision.
+    Bf16,
+}
+
+impl Precision {
+    /// Burn's float dtype for it.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Bytes per parameter.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = PhantomError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" | "fp16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(PhantomError::Device(format!(
+                "unknown dtype `{s}`; expected f32, f16 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Makes `precision` the float dtype of every tensor later created on `device` (parameters,
+/// activations, caches). It must come before the first tensor on the device; a backend that
+/// cannot compute in it is a clear error.
+pub fn set_precision(device: &mut Device, precision: Precision) -> Result<()> {
+    let want = precision.dtype();
+    if DType::from(device.settings().float_dtype) == want {
+        return Ok(());
+    }
+    device
+        .configure(FloatDType::from(want))
+        .map_err(|e| match e {
+            burn::tensor::DeviceError::UnsupportedDType { device, .. } => {
+                PhantomError::Device(format!("{device} cannot compute in {precision}"))
+            }
+            other => PhantomError::Device(format!("cannot switch to {precision}: {other}")),
+        })
+}
+
+/// [`device`] computing in `precision`.
+pub fn device_with_precision(name: Option<&str>, precision: Precision) -> Result<Device> {
+    let mut device = device(name)?;
+    set_precision(&mut device, precision).map_err(|e| match e {
+        PhantomError::Device(why) => PhantomError::Device(format!(
+            "--dtype {precision} on `{}`: {why}; use --dtype f32 or another device",
+            name.unwrap_or("auto")
+        )),
+        other => other,
+    })?;
+    Ok(device)
 }
 
 /// The backends compiled into this build, best first.

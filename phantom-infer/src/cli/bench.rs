@@ -6,6 +6,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use clap::Args;
 use phantom_infer::Session;
+use phantom_model::device::{Precision, device_with_precision};
 use phantom_model::{ModelInput, PhantomModel};
 
 /// Arguments of `bench`.
@@ -26,6 +27,9 @@ pub struct BenchArgs {
     /// Contexts at which decode speed is measured.
     #[arg(long, value_delimiter = ',', default_value = "128,1024")]
     contexts: Vec<usize>,
+    /// Precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: Precision,
     /// Skip the vision-tower measurement.
     #[arg(long)]
     no_vision: bool,
@@ -71,7 +75,7 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 /// `phantom-infer bench`.
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let device = phantom_model::device::device(args.device.as_deref())?;
+    let device = device_with_precision(args.device.as_deref(), args.dtype)?;
     let config = phantom_model::presets::config(&args.size)?;
     let vocab = config.llm.vocab_size;
     let model = PhantomModel::new(config, &device);
@@ -80,6 +84,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut report = serde_json::json!({
         "size": args.size,
         "device": format!("{device:?}"),
+        "dtype": args.dtype.to_string(),
         "params_decoder": params_decoder,
         "params_vision": params_vision,
     });
@@ -131,7 +136,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // Decode reads every decoder weight once per token (the tied head reuses the embedding).
-    let weight_bytes = params_decoder as f64 * 4.0;
+    let weight_bytes = params_decoder as f64 * args.dtype.bytes() as f64;
     let bandwidth = copy_bandwidth_gbs();
     report["weight_bytes_per_token"] = weight_bytes.into();
     report["copy_bandwidth_gbs"] = bandwidth.into();

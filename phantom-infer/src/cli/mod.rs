@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use phantom_model::device::DEVICE_NAMES;
+use phantom_model::device::{DEVICE_NAMES, Precision, device_with_precision};
 use phantom_model::{LoadOptions, PhantomModel};
 
 /// Run Phantom vision-language models (0.5B–7B) on any Burn backend.
@@ -49,13 +49,20 @@ pub struct ModelArgs {
     /// Backend: the best compiled one by default.
     #[arg(long, help = format!("Backend to run on: {DEVICE_NAMES} (default: best compiled)"))]
     pub device: Option<String>,
+    /// Precision the model computes in: f32, f16 or bf16 (half the memory; flex, tch, CUDA,
+    /// and wgpu adapters with shader-f16 for f16).
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 impl ModelArgs {
-    /// Starts the device and loads the model onto it.
+    /// Starts the device in the chosen precision and loads the model onto it.
     pub fn load(&self) -> anyhow::Result<PhantomModel> {
-        let device = phantom_model::device::device(self.device.as_deref())?;
-        phantom_model::load_model(&self.model, &device, LoadOptions::default())
+        let device = device_with_precision(self.device.as_deref(), self.dtype)?;
+        let options = LoadOptions {
+            dtype: self.dtype.dtype(),
+        };
+        phantom_model::load_model(&self.model, &device, options)
             .with_context(|| format!("loading {}", self.model.display()))
     }
 }

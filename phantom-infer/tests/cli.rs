@@ -1,0 +1,100 @@
+//! The `phantom-infer` binary as a user runs it: `chat --json` on the trained demo model, in f32
+//! and in bf16, and the errors a mistyped option or a wrong folder gives (never a panic).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn demo_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/demo_model")
+}
+
+fn phantom_infer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phantom-infer"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("the phantom-infer binary runs")
+}
+
+fn ask(dtype: &str) -> Value {
+    let model = demo_model();
+    let image = model.join("square.png");
+    let out = phantom_infer(&[
+        "chat",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What colour is the square?",
+        "--device",
+        "flex",
+        "--dtype",
+        dtype,
+        "--json",
+        "--quiet",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{dtype}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{dtype}: {e}: {stdout}"))
+}
+
+#[test]
+fn chat_json_answers_in_f32_and_bf16() {
+    for dtype in ["f32", "bf16"] {
+        let reply = ask(dtype);
+        assert_eq!(reply["answer"], "The square is red.", "{dtype}");
+        let tokens: Vec<u64> = reply["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        assert_eq!(tokens, [273, 323, 266, 337, 19, 2], "{dtype}");
+        let timings = &reply["timings"];
+        assert_eq!(timings["tiles"], 1, "{dtype}");
+        // 16 vision tokens between <img> and </img>, plus the template's text.
+        assert_eq!(timings["prompt_tokens"], 31, "{dtype}");
+        assert_eq!(timings["decode_tokens"], 5, "{dtype}");
+    }
+}
+
+#[test]
+fn bad_options_and_folders_are_clear_errors() {
+    let model = demo_model();
+    let model = model.to_str().unwrap();
+
+    let out = phantom_infer(&["chat", "--model", model, "--prompt", "hi", "--dtype", "f8"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown dtype `f8`"), "{err}");
+
+    if cfg!(feature = "ndarray") {
+        let out = phantom_infer(&[
+            "chat", "--model", model, "--prompt", "hi", "--device", "ndarray", "--dtype", "f16",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--dtype f16 on `ndarray`"), "{err}");
+        assert!(err.contains("cannot compute in f16"), "{err}");
+    }
+
+    let missing = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("no-such-model");
+    let out = phantom_infer(&[
+        "chat",
+        "--model",
+        missing.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-model"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
