@@ -10,6 +10,7 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod error;
+pub mod linear;
 pub mod model;
 pub mod phantom;
 pub mod presets;

@@ -111,7 +111,7 @@ impl ModelInput {
 impl PhantomModel {
     /// A randomly initialised model shaped by `config` (for training from scratch and tests).
     pub fn new(config: PhantomConfig, device: &Device) -> Self {
-        Self {
+        let mut model = Self {
             vision_model: VisionModel::new(&config.vision, device),
             vision_proj: VisionProjector::new(
                 config.vision.hidden_size,
@@ -120,7 +120,9 @@ impl PhantomModel {
             ),
             language_model: CausalLm::new(&config.llm, config.phantom_eta, device),
             config,
-        }
+        };
+        crate::linear::prepare(&mut model);
+        model
     }
 
     /// The RoPE of the decoder.

@@ -4,6 +4,8 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
+use crate::linear::linear;
+
 /// `vision_proj`: LayerNorm(4C, ε 1e-5) → Linear(4C → D) → GELU → Linear(D → D).
 /// Checkpoint keys `vision_proj.0`, `.1`, `.3`.
 #[derive(Module, Debug)]
@@ -30,8 +32,10 @@ impl VisionProjector {
     /// `[N, 1 + grid², C]` tower output → `[N, (grid/2)², D]` vision tokens.
     pub fn forward(&self, vit: Tensor<3>) -> Tensor<3> {
         let shuffled = pixel_shuffle(vit);
-        self.fc2
-            .forward(gelu(self.fc1.forward(self.norm.forward(shuffled))))
+        linear(
+            &self.fc2,
+            gelu(linear(&self.fc1, self.norm.forward(shuffled))),
+        )
     }
 }
 

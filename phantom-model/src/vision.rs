@@ -8,6 +8,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 
 use crate::config::{VisionConfig, VisionNorm};
+use crate::linear::linear;
 
 /// The norm of a vision layer, as the config chooses it.
 #[derive(Module, Debug)]
@@ -158,10 +159,10 @@ impl VisionModel {
         for layer in &self.encoder.layers {
             let attended = layer.attn.forward(layer.norm1.forward(x.clone()));
             x = x + attended * layer.ls1.val().unsqueeze::<3>();
-            let h = layer
-                .mlp
-                .fc2
-                .forward(gelu(layer.mlp.fc1.forward(layer.norm2.forward(x.clone()))));
+            let h = linear(
+                &layer.mlp.fc2,
+                gelu(linear(&layer.mlp.fc1, layer.norm2.forward(x.clone()))),
+            );
             x = x + h * layer.ls2.val().unsqueeze::<3>();
         }
         x
@@ -174,9 +175,7 @@ impl VisionAttention {
         let [n, l, c] = x.dims();
         let heads = self.num_heads;
         let d = c / heads;
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = linear(&self.qkv, x)
             .reshape([n, l, 3, heads, d])
             .permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).reshape([n, heads, l, d]);
@@ -189,6 +188,6 @@ impl VisionAttention {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([n, l, c]);
-        self.proj.forward(out)
+        linear(&self.proj, out)
     }
 }

@@ -226,6 +226,7 @@ impl<'m> WeightLoader<'m> {
         let missing = self.missing.unwrap_or_default();
         let (problems, unexpected) = (self.problems, self.unexpected);
         if missing.is_empty() && unexpected.is_empty() && problems.is_empty() {
+            crate::linear::prepare(self.model);
             return Ok(());
         }
         let mut report = String::new();

@@ -5,6 +5,8 @@
 //! RoPE → phantom vectors → widen to 2d → causal attention over the cache → gate → `o_proj`.
 
 use burn::nn::{Linear, LinearConfig};
+
+use crate::linear::linear;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -109,21 +111,21 @@ impl Attention {
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
             (None, Some(q), Some(k), Some(v)) => (
-                q.forward(x.clone()).reshape([b, t, h, d]),
-                k.forward(x.clone()).reshape([b, t, hkv, d]),
-                v.forward(x).reshape([b, t, hkv, d]),
+                linear(q, x.clone()).reshape([b, t, h, d]),
+                linear(k, x.clone()).reshape([b, t, hkv, d]),
+                linear(v, x).reshape([b, t, hkv, d]),
             ),
             (Some(fused), ..) if self.grouped_qkv => {
                 // Rows grouped per KV head: [q_0 … q_{g-1}, k, v] for each KV head.
                 let g = h / hkv;
-                let all = fused.forward(x).reshape([b, t, hkv, g + 2, d]);
+                let all = linear(fused, x).reshape([b, t, hkv, g + 2, d]);
                 let q = all.clone().narrow(3, 0, g).reshape([b, t, h, d]);
                 let k = all.clone().narrow(3, g, 1).reshape([b, t, hkv, d]);
                 let v = all.narrow(3, g + 1, 1).reshape([b, t, hkv, d]);
                 (q, k, v)
             }
             (Some(fused), ..) => {
-                let all = fused.forward(x);
+                let all = linear(fused, x);
                 let q = all.clone().narrow(2, 0, h * d).reshape([b, t, h, d]);
                 let k = all
                     .clone()
@@ -206,7 +208,7 @@ impl Attention {
             .swap_dims(1, 2);
 
         let folded = self.phantom.fold(o.clone());
-        let out = self.o_proj.forward(folded.reshape([b, t, h * d]));
+        let out = linear(&self.o_proj, folded.reshape([b, t, h * d]));
 
         if let Some(trace) = trace {
             let o1 = o.clone().narrow(3, 0, d);

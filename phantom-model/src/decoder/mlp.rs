@@ -1,6 +1,8 @@
 //! The SwiGLU feed-forward block shared by every backbone: `down(silu(gate(x)) ⊙ up(x))`.
 
 use burn::nn::{Linear, LinearConfig};
+
+use crate::linear::linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
@@ -43,13 +45,13 @@ impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
             (Some(fused), _, _) => {
-                let both = fused.forward(x);
+                let both = linear(fused, x);
                 let i = both.dims()[2] / 2;
                 (both.clone().narrow(2, 0, i), both.narrow(2, i, i))
             }
-            (None, Some(gate), Some(up)) => (gate.forward(x.clone()), up.forward(x)),
+            (None, Some(gate), Some(up)) => (linear(gate, x.clone()), linear(up, x)),
             _ => unreachable!("Mlp::new always sets one complete layout"),
         };
-        self.down_proj.forward(silu(gate) * up)
+        linear(&self.down_proj, silu(gate) * up)
     }
 }

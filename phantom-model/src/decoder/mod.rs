@@ -181,17 +181,12 @@ impl CausalLm {
     /// Logits `[B, T, V]` of final-norm hidden states.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => crate::linear::linear(head, hidden),
             None => {
-                // hidden · Eᵀ computed as (E · hiddenᵀ)ᵀ: the embedding stays contiguous and
-                // only the small result is transposed, instead of a [V, D] matrix per call.
-                let weight = self.model.embed_tokens.weight.val();
                 let [b, t, d] = hidden.dims();
+                let weight = self.model.embed_tokens.weight.val();
                 let v = weight.dims()[0];
-                weight
-                    .matmul(hidden.reshape([b * t, d]).transpose())
-                    .transpose()
-                    .reshape([b, t, v])
+                crate::linear::tied_head(weight, hidden.reshape([b * t, d])).reshape([b, t, v])
             }
         }
     }
