@@ -10,6 +10,7 @@
 //! as a batch of contiguous row blocks `[p, out/p, in] · xᵀ`, which flex runs one per core
 //! (it runs a single matrix–vector product on one thread). Each output is the same dot product.
 
+use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 
@@ -56,8 +57,13 @@ fn column_major(weight: Tensor<2>) -> Tensor<2> {
     Tensor::<2>::from_data(weight.transpose().into_data(), &device).transpose()
 }
 
+/// Re-lays `linear`'s weight, holding at most one extra copy of it at a time (the old weight
+/// is released as the new one is built).
 fn relayout(linear: &mut Linear) {
-    linear.weight = linear.weight.clone().map(column_major);
+    let device = linear.weight.val().device();
+    let placeholder = Param::from_tensor(Tensor::zeros([1, 1], &device));
+    let weight = std::mem::replace(&mut linear.weight, placeholder);
+    linear.weight = weight.map(column_major);
 }
 
 /// Lays the projection weights of `model` (vision tower, projector, decoder, untied head) out
@@ -154,7 +160,6 @@ pub fn tied_head(embedding: Tensor<2>, hidden: Tensor<2>) -> Tensor<2> {
 
 #[cfg(all(test, feature = "flex"))]
 mod tests {
-    use burn::module::Param;
     use burn::nn::LinearConfig;
 
     use super::*;
