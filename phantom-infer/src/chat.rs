@@ -6,9 +6,11 @@ use std::path::Path;
 
 use burn::prelude::*;
 use phantom_model::processor::image::{ImageProcessor, PixelValues, RgbImage, round_to_bf16};
-use phantom_model::processor::prompt::{IMAGE_PLACEHOLDER, Template, Turn};
+use phantom_model::processor::prompt::{
+    IMAGE_PLACEHOLDER, IMG_CONTEXT, ImageTokenIds, Template, Turn,
+};
 use phantom_model::processor::tokenizer::Tokenizer;
-use phantom_model::{ModelInput, PhantomModel, Result};
+use phantom_model::{ModelInput, PhantomError, PhantomModel, Result};
 
 use crate::blocking::block_on;
 use crate::generate::{Generation, GenerationConfig, TokenEvent, generate_async};
@@ -69,6 +71,18 @@ impl Chat {
             let placed = first.user.matches(IMAGE_PLACEHOLDER).count();
             if placed == 0 && !images.is_empty() {
                 first.user = format!("{}{}", IMAGE_PLACEHOLDER.repeat(images.len()), first.user);
+            }
+        }
+        if !images.is_empty() {
+            // A tokenizer from another checkpoint would place vision tokens where the model
+            // never looks; say so before any pixel is processed.
+            let context = ImageTokenIds::resolve(&self.tokenizer)?.context;
+            let expected = self.model.config.image_token_index;
+            if context != expected {
+                return Err(PhantomError::Input(format!(
+                    "the tokenizer's {IMG_CONTEXT} is id {context} but config.json's \
+                     image_token_index is {expected}: the tokenizer does not belong to this model"
+                )));
             }
         }
         let mut tiles_per_image = Vec::with_capacity(images.len());

@@ -111,3 +111,27 @@ fn trained_demo_model_answers_its_held_out_question() {
         );
     }
 }
+
+/// A tokenizer whose `<IMG_CONTEXT>` is not the config's `image_token_index` belongs to another
+/// model; asking about a picture says so instead of answering blind.
+#[test]
+fn a_tokenizer_of_another_model_is_refused_for_pictures() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo_model");
+    let device = test_devices().remove(0).1;
+    let model = load_model(&dir, &device, LoadOptions::default()).unwrap();
+    let toy = Tokenizer::from_file(fixtures().join("../toy_tokenizer/tokenizer.json")).unwrap();
+    let chat = Chat::new(model, toy).unwrap();
+    let image = ImageProcessor::default()
+        .open(dir.join("square.png"))
+        .unwrap();
+    let err = chat
+        .prepare(&[Turn::question("What colour?")], &[image])
+        .err()
+        .expect("a mismatched tokenizer is an error");
+    let text = err.to_string();
+    assert!(text.contains("does not belong to this model"), "{text}");
+    assert!(text.contains("image_token_index is 5"), "{text}");
+    // Text-only questions need no image token and still work.
+    chat.prepare(&[Turn::question("What colour?")], &[])
+        .unwrap();
+}
