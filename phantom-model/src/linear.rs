@@ -30,8 +30,11 @@ fn is_threaded_cpu(device: &Device) -> bool {
     !cfg!(target_arch = "wasm32") && format!("{device:?}").starts_with("Device<Flex") && cores() > 1
 }
 
+/// Cores of this machine, read once: the lookup touches the OS (cgroup files on Linux) and
+/// every linear layer asks.
 fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// Row blocks to split an `[n, k]` weight into for `rows` input rows, or `None` to use one

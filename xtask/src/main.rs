@@ -209,8 +209,7 @@ fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow:
         "flex,ndarray,wgpu",
     ]);
     run(build, "building phantom-infer (flex + ndarray)")?;
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let bin = std::path::Path::new(&target).join("debug/phantom-infer");
+    let bin = web::target_dir().join("debug/phantom-infer");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let columns = [
         ("vision_ms_per_tile", "vision ms/tile"),

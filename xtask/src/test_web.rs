@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::serve::{self, Site};
-use crate::web::{self, root};
+use crate::web;
 use crate::{cargo, json_of, run};
 
 /// What to run.
@@ -73,9 +73,7 @@ fn native_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         crate::TEST_FEATURES,
     ]);
     run(build, "building phantom-infer (the test build)")?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let bin = target.join("debug/phantom-infer");
+    let bin = web::target_dir().join("debug/phantom-infer");
     if !bin.is_file() {
         bail!("the test build left no {}", bin.display());
     }
@@ -179,9 +177,7 @@ impl TestWeb {
             runs.push((backend.clone(), report));
         }
         summarise(&native, &runs);
-        let out = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| root().join("target"), PathBuf::from)
-            .join("test-web.json");
+        let out = web::target_dir().join("test-web.json");
         let all = json!({
             "native": native,
             "browser": runs.iter().map(|(b, r)| json!({"expected": b, "report": r})).collect::<Vec<_>>(),

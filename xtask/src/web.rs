@@ -24,7 +24,8 @@ pub fn web_dir() -> PathBuf {
     root().join("phantom-wasm/web")
 }
 
-fn target_dir() -> PathBuf {
+/// Cargo's target folder (`CARGO_TARGET_DIR` or `target/`).
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
