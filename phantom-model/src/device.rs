@@ -231,7 +231,7 @@ pub fn device(name: Option<&str>) -> Result<Device> {
 
 fn not_compiled(spec: &DeviceSpec, feature: &str) -> PhantomError {
     PhantomError::Device(format!(
-        "device `{spec}` needs the `{feature}` feature, which this build lacks (rebuild with \
+        "`{spec}` needs the `{feature}` feature, which this build lacks (rebuild with \
          `--features {feature}`)"
     ))
 }
@@ -267,17 +267,56 @@ impl DeviceSpec {
             }
             Self::TchCuda(_index) => {
                 #[cfg(feature = "tch")]
-                return Ok(Device::libtorch_cuda(*_index));
+                return tch_cuda_probe(*_index).map(|()| Device::libtorch_cuda(*_index));
                 #[cfg(not(feature = "tch"))]
                 return Err(not_compiled(self, "tch"));
             }
             Self::Cuda(_index) => {
                 #[cfg(feature = "cuda")]
-                return Ok(Device::cuda(*_index));
+                return cuda_probe(*_index).map(|()| Device::cuda(*_index));
                 #[cfg(not(feature = "cuda"))]
                 return Err(not_compiled(self, "cuda"));
             }
         }
+    }
+}
+
+/// libtorch fails deep inside its first operation when the GPU is missing; ask it first.
+#[cfg(feature = "tch")]
+fn tch_cuda_probe(index: usize) -> Result<()> {
+    let count = tch::Cuda::device_count();
+    if (index as i64) < count {
+        return Ok(());
+    }
+    Err(PhantomError::Device(format!(
+        "`tch-cuda:{index}`: libtorch sees {count} CUDA device(s) (a CPU-only libtorch, or a \
+         machine without an NVIDIA driver, sees none)"
+    )))
+}
+
+/// CubeCL's CUDA runtime opens the driver lazily and panics when it is missing; asking first
+/// turns a machine without an NVIDIA GPU into an error. (Kernels are compiled to PTX by the
+/// LLVM linked into the binary, so the CUDA toolkit itself is not needed at run time.)
+#[cfg(feature = "cuda")]
+fn cuda_probe(index: usize) -> Result<()> {
+    use cudarc::driver::{result, sys};
+
+    let fail = |why: String| PhantomError::Device(format!("`cuda:{index}`: {why}"));
+    // SAFETY: these only try to open the shared libraries by name.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(fail(
+            "the NVIDIA driver library (libcuda.so / nvcuda.dll) is not installed or not on the \
+             library path"
+                .into(),
+        ));
+    }
+    result::init().map_err(|e| fail(format!("the CUDA driver did not start: {e}")))?;
+    let count =
+        result::device::get_count().map_err(|e| fail(format!("counting CUDA devices: {e}")))?;
+    if (index as i64) < i64::from(count) {
+        Ok(())
+    } else {
+        Err(fail(format!("the driver sees {count} CUDA device(s)")))
     }
 }
 

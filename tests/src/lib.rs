@@ -150,8 +150,9 @@ pub fn expand_mask(mask: &[Vec<bool>], inner: usize) -> Vec<bool> {
         .collect()
 }
 
-/// The devices the tests run on: every compiled CPU backend, plus wgpu when it is compiled
-/// in. `PHANTOM_TEST_DEVICES` (comma-separated `--device` names) overrides the list.
+/// The devices the tests run on: every compiled backend (a `cuda` or `tch` build on a machine
+/// without the matching runtime fails here, naming it). `PHANTOM_TEST_DEVICES`
+/// (comma-separated `--device` names) overrides the list.
 pub fn test_devices() -> Vec<(String, Device)> {
     let names: Vec<String> = match std::env::var("PHANTOM_TEST_DEVICES") {
         Ok(list) => list
@@ -172,6 +173,9 @@ pub fn test_devices() -> Vec<(String, Device)> {
             }
             if cfg!(feature = "tch") {
                 names.push("tch".to_string());
+            }
+            if cfg!(feature = "cuda") {
+                names.push("cuda".to_string());
             }
             names
         }

@@ -421,5 +421,18 @@ fn device_names_are_checked() {
             .to_string();
         assert!(e.contains("`tch` feature"), "{e}");
     }
-    assert!(phantom_model::device::device(Some("cuda:x")).is_err());
+    if !cfg!(feature = "cuda") {
+        let e = phantom_model::device::device(Some("cuda:1"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "device: `cuda:1` needs the `cuda` feature, which this build lacks (rebuild with \
+             `--features cuda`)"
+        );
+    }
+    let e = phantom_model::device::device(Some("cuda:x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`cuda:x`: expected an index like `:0`"), "{e}");
 }
