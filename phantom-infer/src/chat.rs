@@ -125,10 +125,10 @@ impl Chat {
     /// Stop tokens: the config's eos ids and the template's end token.
     pub fn stop_tokens(&self) -> Vec<u32> {
         let mut stops = self.model.config.eos_token_ids.clone();
-        if let Ok(end) = self.template.end_token_id(&self.tokenizer) {
-            if !stops.contains(&end) {
-                stops.push(end);
-            }
+        if let Ok(end) = self.template.end_token_id(&self.tokenizer)
+            && !stops.contains(&end)
+        {
+            stops.push(end);
         }
         stops
     }

@@ -257,10 +257,10 @@ impl PhantomConfig {
     /// The config as JSON, with `phantom_eta` recorded when it differs from the default.
     pub fn to_json(&self) -> serde_json::Value {
         let mut raw = self.raw.clone();
-        if let Some(obj) = raw.as_object_mut() {
-            if self.phantom_eta != DEFAULT_PHANTOM_ETA || obj.contains_key("phantom_eta") {
-                obj.insert("phantom_eta".into(), self.phantom_eta.into());
-            }
+        if let Some(obj) = raw.as_object_mut()
+            && (self.phantom_eta != DEFAULT_PHANTOM_ETA || obj.contains_key("phantom_eta"))
+        {
+            obj.insert("phantom_eta".into(), self.phantom_eta.into());
         }
         raw
     }
@@ -351,19 +351,21 @@ impl RawVision {
                 self.hidden_act
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
             ));
         }
-        if (self.image_size / self.patch_size) % 2 != 0 {
+        if !(self.image_size / self.patch_size).is_multiple_of(2) {
             return bad("the patch grid must be even for pixel shuffle 0.5".into());
         }
         if self.num_channels != 3 {
@@ -444,9 +446,9 @@ impl RawLlm {
         }
         let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
             || kv == 0
-            || self.num_attention_heads % kv != 0
+            || !self.num_attention_heads.is_multiple_of(kv)
         {
             return bad(format!(
                 "inconsistent heads: hidden {} / heads {} / kv heads {kv}",
@@ -454,7 +456,7 @@ impl RawLlm {
             ));
         }
         let head_dim = self.hidden_size / self.num_attention_heads;
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {head_dim} must be even for RoPE"));
         }
         let rope_scaling = parse_rope_scaling(

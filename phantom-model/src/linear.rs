@@ -51,7 +51,7 @@ fn blocks(device: &Device, rows: usize, k: usize, n: usize) -> Option<usize> {
     };
     [p, 8, 4, 2]
         .into_iter()
-        .find(|&p| n % p == 0 && n / p >= 16)
+        .find(|&p| n.is_multiple_of(p) && n / p >= 16)
 }
 
 /// `weight` (`[k, n]`) stored as its transpose `[n, k]` in memory, seen as `[k, n]` by Burn.

@@ -146,7 +146,7 @@ impl TrainingProgressLogger for PlainRenderer {
 
     fn update_split(&mut self, items_processed: usize) {
         self.items = items_processed;
-        if self.split == "train" && items_processed % (self.every * self.accumulation) == 0 {
+        if self.split == "train" && items_processed.is_multiple_of(self.every * self.accumulation) {
             self.print_train();
         }
     }

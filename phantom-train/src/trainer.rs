@@ -125,7 +125,7 @@ impl TrainConfig {
         if self.checkpoint_every == 0 {
             return bad("checkpoint interval must be at least 1 step");
         }
-        if !(self.lr > 0.0 && self.lr <= 1.0) || !(0.0..=self.lr).contains(&self.min_lr) {
+        if !(self.lr > 0.0 && self.lr <= 1.0 && (0.0..=self.lr).contains(&self.min_lr)) {
             return bad("learning rates must satisfy 0 <= min_lr <= lr <= 1 and lr > 0");
         }
         if self.warmup_steps >= self.steps {

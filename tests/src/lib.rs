@@ -42,7 +42,7 @@ impl Tensors {
 
     /// Whether `key` is present.
     pub fn has(&self, key: &str) -> bool {
-        self.view().names().iter().any(|n| *n == key)
+        self.view().names().contains(&key)
     }
 
     /// A float tensor (f32, bf16 or f16 on disk) as f32.

@@ -76,8 +76,7 @@ fn a_backend_without_half_precision_says_so() {
         return;
     }
     let err = device_with_precision(Some("ndarray"), Precision::F16)
-        .err()
-        .expect("ndarray computes in f32 and f64 only");
+        .expect_err("ndarray computes in f32 and f64 only");
     let text = err.to_string();
     assert!(text.contains("cannot compute in f16"), "{text}");
 }

@@ -15,6 +15,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a small Phantom from scratch on generated pictures of shapes and report its

@@ -1,6 +1,6 @@
 //! `phantom-train train`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -116,7 +116,7 @@ pub struct TrainArgs {
     run: RunArgs,
 }
 
-fn read(args: &TrainArgs, path: &PathBuf, fields: &FieldNames) -> anyhow::Result<Dataset> {
+fn read(args: &TrainArgs, path: &Path, fields: &FieldNames) -> anyhow::Result<Dataset> {
     let set = read_triples(path, fields, args.image_root.as_deref(), args.skip_bad)?;
     if !set.skipped.is_empty() {
         eprintln!(
