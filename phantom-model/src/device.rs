@@ -289,8 +289,8 @@ fn tch_cuda_probe(index: usize) -> Result<()> {
         return Ok(());
     }
     Err(PhantomError::Device(format!(
-        "`tch-cuda:{index}`: libtorch sees {count} CUDA device(s) (a CPU-only libtorch, or a \
-         machine without an NVIDIA driver, sees none)"
+        "`tch-cuda:{index}`: no such device: libtorch sees {count} CUDA device(s), numbered from \
+         0 (a CPU-only libtorch, or a machine without an NVIDIA driver, sees none)"
     )))
 }
 
@@ -316,7 +316,9 @@ fn cuda_probe(index: usize) -> Result<()> {
     if (index as i64) < i64::from(count) {
         Ok(())
     } else {
-        Err(fail(format!("the driver sees {count} CUDA device(s)")))
+        Err(fail(format!(
+            "no such device: the driver sees {count} CUDA device(s), numbered from 0"
+        )))
     }
 }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the project's tasks in one place.
 
 mod serve;
+mod tch;
 mod test_web;
 mod web;
 
@@ -26,6 +27,9 @@ enum Task {
         #[arg(long)]
         no_wgpu: bool,
     },
+    /// The backend tests on libtorch (CPU): PyTorch 2.9.0's wheel from PyPI in a venv (set up
+    /// once), a separate build in `<target>/tch`, every parity test on `--device tch`.
+    TestTch,
     /// Side-by-side CPU benchmark: this project on each CPU backend and a plain-PyTorch
     /// reference of the same shapes, with the memory-bandwidth bound of decoding.
     BenchInfer {
@@ -239,24 +243,7 @@ fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow:
         let torch = if no_torch {
             None
         } else {
-            let setup = root.join("xtask/bench/setup_venv.sh");
-            let out = Command::new("bash")
-                .arg(&setup)
-                .output()
-                .context("setting up the PyTorch venv")?;
-            if !out.status.success() {
-                bail!(
-                    "{} failed: {}",
-                    setup.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let python = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or("python3")
-                .trim()
-                .to_string();
+            let python = tch::torch_python()?;
             let mut cmd = Command::new(python);
             cmd.arg(root.join("xtask/bench/torch_phantom.py"))
                 .args(["--size", size, "--decode-steps"])
@@ -320,6 +307,7 @@ fn main() -> anyhow::Result<()> {
                 &format!("cargo test --workspace --features {features}"),
             )
         }
+        Task::TestTch => tch::test(),
         Task::BenchInfer {
             sizes,
             decode_steps,
