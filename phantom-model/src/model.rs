@@ -111,7 +111,16 @@ impl ModelInput {
 impl PhantomModel {
     /// A randomly initialised model shaped by `config` (for training from scratch and tests).
     pub fn new(config: PhantomConfig, device: &Device) -> Self {
-        let mut model = Self {
+        let mut model = Self::unprepared(config, device);
+        crate::linear::prepare(&mut model);
+        model
+    }
+
+    /// The model before [`crate::linear::prepare`]: Burn draws a parameter's random values on
+    /// its first use, and loading replaces every parameter before that, so a checkpoint being
+    /// loaded never pays for an initialisation it overwrites.
+    pub(crate) fn unprepared(config: PhantomConfig, device: &Device) -> Self {
+        Self {
             vision_model: VisionModel::new(&config.vision, device),
             vision_proj: VisionProjector::new(
                 config.vision.hidden_size,
@@ -120,9 +129,7 @@ impl PhantomModel {
             ),
             language_model: CausalLm::new(&config.llm, config.phantom_eta, device),
             config,
-        };
-        crate::linear::prepare(&mut model);
-        model
+        }
     }
 
     /// The RoPE of the decoder.

@@ -129,7 +129,7 @@ pub fn load_model(
     let dir = dir.as_ref();
     let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
     let files = weight_files(dir)?;
-    let mut model = PhantomModel::new(config, device);
+    let mut model = PhantomModel::unprepared(config, device);
     load_weights(&mut model, &files, options)?;
     Ok(model)
 }
