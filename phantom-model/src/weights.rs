@@ -254,6 +254,12 @@ impl<'m> WeightLoader<'m> {
 pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(|e| PhantomError::io(dir, e))?;
+    let config = dir.join(CONFIG_FILE);
+    let config_tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(&model.config.to_json())
+        .map_err(|e| PhantomError::Config(format!("serialising config: {e}")))?;
+    std::fs::write(&config_tmp, text).map_err(|e| PhantomError::io(&config_tmp, e))?;
+
     let weights = dir.join(WEIGHTS_FILE);
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
     let mut store = SafetensorsStore::from_file(&tmp)
@@ -267,14 +273,14 @@ pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
     model
         .save_into(&mut store)
         .map_err(|e| PhantomError::Weights(format!("writing {}: {e}", tmp.display())))?;
+    // The store writes through a private scratch file (mode 0600 on Unix); the checkpoint gets
+    // the mode of any other new file here, the config's.
+    let mode = std::fs::metadata(&config_tmp)
+        .map_err(|e| PhantomError::io(&config_tmp, e))?
+        .permissions();
+    std::fs::set_permissions(&tmp, mode).map_err(|e| PhantomError::io(&tmp, e))?;
     std::fs::rename(&tmp, &weights).map_err(|e| PhantomError::io(&weights, e))?;
-
-    let config = dir.join(CONFIG_FILE);
-    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(&model.config.to_json())
-        .map_err(|e| PhantomError::Config(format!("serialising config: {e}")))?;
-    std::fs::write(&tmp, text).map_err(|e| PhantomError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &config).map_err(|e| PhantomError::io(&config, e))?;
+    std::fs::rename(&config_tmp, &config).map_err(|e| PhantomError::io(&config, e))?;
     // A stale shard index next to the new single file would win on the next load.
     let index = dir.join(INDEX_FILE);
     if index.exists() {

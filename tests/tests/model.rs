@@ -130,6 +130,9 @@ fn weights_round_trip_through_the_official_layout() {
             official.retain(|(k, _)| k != "language_model.lm_head.weight");
         }
         assert_eq!(ours, official, "{name}: saved keys");
+        // The weights are as readable as any other new file (the config), not private.
+        let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions();
+        assert_eq!(mode("model.safetensors"), mode("config.json"), "{name}");
         let reloaded = phantom_model::load_model(&dir, &device, Default::default()).unwrap();
         let input = fx.input("text");
         let a = values(model.forward(&input, None).unwrap());
