@@ -63,7 +63,7 @@ fn column_major(weight: Tensor<2>) -> Tensor<2> {
 /// Re-lays `linear`'s weight, holding at most one extra copy of it at a time (the old weight
 /// is released as the new one is built).
 fn relayout(linear: &mut Linear) {
-    let device = linear.weight.val().device();
+    let device = linear.weight.lazy_device();
     let placeholder = Param::from_tensor(Tensor::zeros([1, 1], &device));
     let weight = std::mem::replace(&mut linear.weight, placeholder);
     linear.weight = weight.map(column_major);
@@ -194,6 +194,14 @@ mod tests {
         out
     }
 
+    /// Largest absolute difference.
+    fn worst(got: &[f32], want: &[f32]) -> f32 {
+        got.iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0.0, f32::max)
+    }
+
     fn host(t: Tensor<2>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
@@ -224,12 +232,7 @@ mod tests {
                 let input =
                     Tensor::<3>::from_data(TensorData::new(x.clone(), [1, rows, k]), &device);
                 let got = host(linear(&layer, input).reshape([rows, n]));
-                let want = reference(&x, &w, &b, rows, k, n);
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| (g - w).abs())
-                    .fold(0.0, f32::max);
+                let worst = worst(&got, &reference(&x, &w, &b, rows, k, n));
                 assert!(worst < 1e-4, "relaid {relaid}, {rows} rows: off by {worst}");
             }
         }
@@ -252,12 +255,7 @@ mod tests {
             let h = values(rows * d, 5);
             let hidden = Tensor::<2>::from_data(TensorData::new(h.clone(), [rows, d]), &device);
             let got = host(tied_head(embedding.clone(), hidden));
-            let want = reference(&h, &et, &vec![0.0; v], rows, d, v);
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(0.0, f32::max);
+            let worst = worst(&got, &reference(&h, &et, &vec![0.0; v], rows, d, v));
             assert!(worst < 1e-4, "{rows} rows: off by {worst}");
         }
     }

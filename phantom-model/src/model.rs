@@ -116,9 +116,8 @@ impl PhantomModel {
         model
     }
 
-    /// The model before [`crate::linear::prepare`]: Burn draws a parameter's random values on
-    /// its first use, and loading replaces every parameter before that, so a checkpoint being
-    /// loaded never pays for an initialisation it overwrites.
+    /// The model before [`crate::linear::prepare`], its parameters not drawn yet: what
+    /// [`crate::WeightLoader`] fills.
     pub(crate) fn unprepared(config: PhantomConfig, device: &Device) -> Self {
         Self {
             vision_model: VisionModel::new(&config.vision, device),

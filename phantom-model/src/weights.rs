@@ -128,33 +128,21 @@ pub fn load_model(
 ) -> Result<PhantomModel> {
     let dir = dir.as_ref();
     let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
-    let files = weight_files(dir)?;
-    let mut model = PhantomModel::unprepared(config, device);
-    load_weights(&mut model, &files, options)?;
-    Ok(model)
-}
-
-/// Fills `model` from safetensors `files` (one checkpoint, possibly sharded).
-pub fn load_weights(
-    model: &mut PhantomModel,
-    files: &[PathBuf],
-    options: LoadOptions,
-) -> Result<()> {
-    let mut loader = WeightLoader::new(model, options);
-    for file in files {
-        loader.file(file)?;
+    let mut loader = WeightLoader::new(config, device, options);
+    for file in weight_files(dir)? {
+        loader.file(&file)?;
     }
     loader.finish()
 }
 
-/// Fills a model from a checkpoint read in parts: files, shards, or safetensors blobs holding
+/// Builds a model from a checkpoint read in parts: files, shards, or safetensors blobs holding
 /// any subset of the tensors (a browser hands over one slice of a download at a time, so that
 /// the whole file never sits in memory next to the loaded weights).
 ///
 /// A tensor counts as missing only when no part held it; every mismatch of every part is
 /// reported together by [`WeightLoader::finish`].
-pub struct WeightLoader<'m> {
-    model: &'m mut PhantomModel,
+pub struct WeightLoader {
+    model: PhantomModel,
     options: LoadOptions,
     missing: Option<BTreeSet<String>>,
     unexpected: BTreeSet<String>,
@@ -162,11 +150,13 @@ pub struct WeightLoader<'m> {
     sources: Vec<String>,
 }
 
-impl<'m> WeightLoader<'m> {
-    /// Starts loading into `model`.
-    pub fn new(model: &'m mut PhantomModel, options: LoadOptions) -> Self {
+impl WeightLoader {
+    /// Starts loading a model shaped by `config` onto `device`. Its parameters are left
+    /// undrawn (Burn draws a parameter on first use), so loading never pays for a random
+    /// initialisation it overwrites.
+    pub fn new(config: PhantomConfig, device: &Device, options: LoadOptions) -> Self {
         Self {
-            model,
+            model: PhantomModel::unprepared(config, device),
             options,
             missing: None,
             unexpected: BTreeSet::new(),
@@ -217,8 +207,8 @@ impl<'m> WeightLoader<'m> {
         Ok(())
     }
 
-    /// Checks that the parts together held every tensor, and nothing else.
-    pub fn finish(mut self) -> Result<()> {
+    /// The loaded model, once the parts together held every tensor, and nothing else.
+    pub fn finish(mut self) -> Result<PhantomModel> {
         if self.model.config.llm.tie_word_embeddings {
             self.unexpected
                 .retain(|key| !TIED_HEAD_KEYS.contains(&key.as_str()));
@@ -226,8 +216,8 @@ impl<'m> WeightLoader<'m> {
         let missing = self.missing.unwrap_or_default();
         let (problems, unexpected) = (self.problems, self.unexpected);
         if missing.is_empty() && unexpected.is_empty() && problems.is_empty() {
-            crate::linear::prepare(self.model);
-            return Ok(());
+            crate::linear::prepare(&mut self.model);
+            return Ok(self.model);
         }
         let mut report = String::new();
         for p in &problems {

@@ -19,7 +19,7 @@ use phantom_infer::{Chat, GenerationConfig};
 use phantom_model::processor::image::{DEFAULT_MAX_PIXELS, ImageProcessor, RgbImage, choose_grid};
 use phantom_model::processor::prompt::Turn;
 use phantom_model::processor::tokenizer::Tokenizer;
-use phantom_model::{LoadOptions, PhantomConfig, PhantomError, PhantomModel, WeightLoader};
+use phantom_model::{LoadOptions, PhantomConfig, PhantomError, WeightLoader};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
@@ -241,10 +241,9 @@ async fn load(
         });
     };
 
-    let mut model = PhantomModel::new(config, &backend.device);
     let total = footprint.file_bytes as f64;
     let mut done = 0.0;
-    let mut loader = WeightLoader::new(&mut model, LoadOptions::default());
+    let mut loader = WeightLoader::new(config, &backend.device, LoadOptions::default());
     for (buffer, header) in &files {
         for part in header.parts(PART_BYTES) {
             let bytes = header.part_bytes(buffer, part.clone());
@@ -253,8 +252,7 @@ async fn load(
             let _ = on_progress.call2(&JsValue::NULL, &done.into(), &total.into());
         }
     }
-    loader.finish()?;
-    let chat = Chat::new(model, tokenizer)?;
+    let chat = Chat::new(loader.finish()?, tokenizer)?;
     Ok(Phantom {
         inner: Rc::new(Loaded {
             chat: RefCell::new(chat),

@@ -1,10 +1,10 @@
 //! The SwiGLU feed-forward block shared by every backbone: `down(silu(gate(x)) ⊙ up(x))`.
 
 use burn::nn::{Linear, LinearConfig};
-
-use crate::linear::linear;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+
+use crate::linear::linear;
 
 /// SwiGLU MLP. Qwen2 and InternLM2 store gate and up separately; Phi-3 fuses them as
 /// `gate_up_proj = [gate | up]`.
