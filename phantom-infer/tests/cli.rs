@@ -1,21 +1,15 @@
 //! The `phantom-infer` binary as a user runs it: `chat --json` on the trained demo model, in f32
 //! and in bf16, and the errors a mistyped option or a wrong folder gives (never a panic).
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use std::path::PathBuf;
+
+use common::{fixtures, phantom_infer};
 use serde_json::Value;
 
 fn demo_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/demo_model")
-}
-
-fn phantom_infer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_phantom-infer"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("the phantom-infer binary runs")
+    fixtures().join("demo_model")
 }
 
 fn ask(dtype: &str) -> Value {

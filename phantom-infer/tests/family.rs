@@ -2,18 +2,18 @@
 //! backbone (Qwen2 tied and untied, InternLM2, Phi-3) and every compiled CPU backend: `forward`
 //! reproduces the official logits and `generate` the official greedy ids.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{fixtures, phantom_infer};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 const FIXTURES: [&str; 4] = ["tiny_tied", "tiny_untied", "internlm2_tiny", "phi3_tiny"];
 const ATOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/phantom-ref")
-        .join(name)
+    fixtures().join("phantom-ref").join(name)
 }
 
 fn devices() -> Vec<&'static str> {
@@ -27,27 +27,30 @@ fn devices() -> Vec<&'static str> {
     out
 }
 
-/// Shape and values of tensor `key` of a safetensors buffer, as i64 or f32.
-fn ints(st: &SafeTensors, key: &str) -> (Vec<usize>, Vec<i64>) {
+/// Shape and values of tensor `key` of a safetensors buffer, stored as `dtype` and decoded
+/// `N` little-endian bytes at a time.
+fn tensor<T, const N: usize>(
+    st: &SafeTensors,
+    key: &str,
+    dtype: Dtype,
+    decode: fn([u8; N]) -> T,
+) -> (Vec<usize>, Vec<T>) {
     let t = st.tensor(key).unwrap_or_else(|_| panic!("{key}"));
-    assert_eq!(t.dtype(), Dtype::I64, "{key}");
+    assert_eq!(t.dtype(), dtype, "{key}");
     let v = t
         .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .chunks_exact(N)
+        .map(|c| decode(c.try_into().unwrap()))
         .collect();
     (t.shape().to_vec(), v)
 }
 
+fn ints(st: &SafeTensors, key: &str) -> (Vec<usize>, Vec<i64>) {
+    tensor(st, key, Dtype::I64, i64::from_le_bytes)
+}
+
 fn floats(st: &SafeTensors, key: &str) -> (Vec<usize>, Vec<f32>) {
-    let t = st.tensor(key).unwrap_or_else(|_| panic!("{key}"));
-    assert_eq!(t.dtype(), Dtype::F32, "{key}");
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (t.shape().to_vec(), v)
+    tensor(st, key, Dtype::F32, f32::from_le_bytes)
 }
 
 /// Writes the fixture's text batch as the CLI's inputs file.
@@ -72,12 +75,9 @@ fn write_inputs(outputs: &SafeTensors, path: &Path) -> Vec<Vec<bool>> {
         .collect()
 }
 
+/// Runs the binary, which must succeed; its stdout.
 fn run(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(env!("CARGO_BIN_EXE_phantom-infer"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("the phantom-infer binary runs");
+    let out = phantom_infer(args);
     assert!(
         out.status.success(),
         "phantom-infer {args:?}: {}",
