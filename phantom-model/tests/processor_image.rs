@@ -655,14 +655,24 @@ fn transpose(img: &RgbImage) -> RgbImage {
 }
 
 #[test]
-fn resize_is_separable_horizontal_first() {
+fn resize_passes_follow_pillows_order() {
     let img = test_pattern(37, 23);
-    for (w, h) in [(61, 11), (13, 50), (5, 3), (100, 100), (37, 9), (80, 23)] {
+    // The height shrinks by at most twice the width's shrink: horizontal pass into a u8
+    // image, then vertical, gives the same bytes as one call.
+    for (w, h) in [(13, 50), (5, 3), (100, 100), (80, 23), (20, 9)] {
         let full = resize_bicubic(&img, w, h);
         assert_eq!(full.dimensions(), (w, h));
-        // Horizontal pass into a u8 image, then vertical: the same bytes as one call.
         let staged = resize_bicubic(&resize_bicubic(&img, w, img.height()), w, h);
-        assert!(full == staged, "{w}x{h}");
+        assert!(full == staged, "{w}x{h} horizontal first");
+    }
+    // The height shrinks by more (a portrait photo to a square tile, say): vertical first.
+    for (w, h) in [(61, 11), (50, 3), (40, 5), (30, 2)] {
+        let full = resize_bicubic(&img, w, h);
+        assert_eq!(full.dimensions(), (w, h));
+        let staged = resize_bicubic(&resize_bicubic(&img, img.width(), h), w, h);
+        assert!(full == staged, "{w}x{h} vertical first");
+        let other = resize_bicubic(&resize_bicubic(&img, w, img.height()), w, h);
+        assert!(full != other, "{w}x{h}: the order shows in the bytes");
     }
     // Each pass is the other one on the transposed image.
     for (w, h) in [(61, 23), (13, 23), (37, 50), (37, 7)] {
@@ -670,6 +680,67 @@ fn resize_is_separable_horizontal_first() {
         let via_transpose = transpose(&resize_bicubic(&transpose(&img), h, w));
         assert!(direct == via_transpose, "{w}x{h}");
     }
+}
+
+/// The noise image of `tests/fixtures/pillow_resize/make.py`: a hash of (x, y, channel, seed).
+fn hashed_noise(width: u32, height: u32, seed: u32) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| {
+        Rgb(std::array::from_fn(|c| {
+            let mut v = x.wrapping_mul(73_856_093)
+                ^ y.wrapping_mul(19_349_663)
+                ^ (c as u32).wrapping_mul(83_492_791)
+                ^ seed;
+            v = (v ^ (v >> 15)).wrapping_mul(2_246_822_519);
+            v = (v ^ (v >> 13)).wrapping_mul(3_266_489_917);
+            v ^= v >> 16;
+            (v >> 24) as u8
+        }))
+    })
+}
+
+#[test]
+fn tiles_match_pillow_for_every_size_and_aspect() {
+    let path = fixture_dir().join("../../pillow_resize/cases.json");
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let doc: serde_json::Value = serde_json::from_slice(&text).expect("cases.json parses");
+    let cases = doc["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 60, "the grid of sizes is in the fixture");
+    let mut failures = Vec::new();
+    let mut images = std::collections::HashMap::new();
+    for case in cases {
+        let n = |k: &str| case[k].as_u64().expect("number") as u32;
+        let (width, height, seed, max_tiles) = (n("width"), n("height"), n("seed"), n("max_tiles"));
+        let img = images
+            .entry((width, height, seed))
+            .or_insert_with(|| hashed_noise(width, height, seed));
+        let processor = ImageProcessor::new(max_tiles as usize).expect("valid budget");
+        let grid = choose_grid(width, height, max_tiles as usize);
+        let want_grid = (n_at(&case["grid"], 0), n_at(&case["grid"], 1));
+        assert_eq!(grid, want_grid, "{width}x{height}, max {max_tiles}: grid");
+        let tiles = processor.tiles(img);
+        let want = case["tiles"].as_array().expect("tiles");
+        assert_eq!(tiles.len(), want.len(), "{width}x{height}: tile count");
+        for (i, (tile, reference)) in tiles.iter().zip(want).enumerate() {
+            let sum: u64 = tile.as_raw().iter().map(|&b| u64::from(b)).sum();
+            if sha256_hex(tile.as_raw()) != reference["sha256"].as_str().expect("hash") {
+                failures.push(format!(
+                    "{width}x{height} max {max_tiles} tile {i}: byte sum {sum}, Pillow's {}",
+                    reference["sum"]
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} tile(s) differ from Pillow {}:\n{}",
+        failures.len(),
+        doc["pillow"],
+        failures.join("\n")
+    );
+}
+
+fn n_at(v: &serde_json::Value, i: usize) -> u32 {
+    v[i].as_u64().expect("number") as u32
 }
 
 #[test]

@@ -424,10 +424,17 @@ pub fn choose_grid_for(width: u32, height: u32, max_tiles: usize, tile_size: u32
 /// exactly.
 ///
 /// Pillow's algorithm (`ImagingResample` in `Resample.c`): a separable convolution with the cubic
-/// kernel `a = -0.5`, stretched by the downscale factor so downscaling is antialiased; the
-/// horizontal pass runs first into an 8-bit intermediate, then the vertical pass. Weights are
-/// computed in f64, normalised to sum to 1, and applied in 22-bit fixed point. A pass is skipped
-/// when its axis keeps its size, so a same-size resize is a copy.
+/// kernel `a = -0.5`, stretched by the downscale factor so downscaling is antialiased, one pass
+/// per axis into an 8-bit intermediate. Weights are computed in f64, normalised to sum to 1, and
+/// applied in 22-bit fixed point. A pass is skipped when its axis keeps its size, so a same-size
+/// resize is a copy.
+///
+/// The order of the passes matters, because the intermediate is rounded to 8 bits: Pillow runs
+/// the horizontal pass first unless the height shrinks by more than twice as many pixels as the
+/// width does (`in_h - out_h > 2 * (in_w - out_w)`, with the height shrinking), which is the case
+/// for most portrait photos. This is Pillow 13's rule; Pillow 12 and older always went
+/// horizontal first, so on such images they differ from Pillow 13 (and from this function) by a
+/// few levels.
 ///
 /// An empty input resized to a non-empty size yields black pixels (Pillow cannot hold an empty
 /// image, so there is nothing to match).
@@ -443,27 +450,42 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         return img.clone();
     }
 
+    let src = img.as_raw();
+    let src_stride = in_w as usize * 3;
     let vertical = Coefficients::new(in_h, height);
+    if need_vertical && vertical_pass_first(in_w, in_h, width, height) {
+        let temp = resample_vertical(src, src_stride, &vertical, 0);
+        let out = if need_horizontal {
+            resample_horizontal(&temp, src_stride, &Coefficients::new(in_w, width))
+        } else {
+            temp
+        };
+        return buffer_to_image(width, height, out);
+    }
+    if !need_horizontal {
+        let out = resample_vertical(src, src_stride, &vertical, 0);
+        return buffer_to_image(width, height, out);
+    }
     // Only the source rows some output row reads need the horizontal pass.
     let first_row = vertical.windows.first().map_or(0, |w| w.start);
     let end_row = vertical.windows.last().map_or(0, |w| w.start + w.len);
-
-    let src = img.as_raw();
-    let src_stride = in_w as usize * 3;
-    if need_horizontal {
-        let horizontal = Coefficients::new(in_w, width);
-        let rows = &src[first_row * src_stride..end_row * src_stride];
-        let temp = resample_horizontal(rows, src_stride, &horizontal);
-        if need_vertical {
-            let out = resample_vertical(&temp, width as usize * 3, &vertical, first_row);
-            buffer_to_image(width, height, out)
-        } else {
-            buffer_to_image(width, height, temp)
-        }
+    let horizontal = Coefficients::new(in_w, width);
+    let rows = &src[first_row * src_stride..end_row * src_stride];
+    let temp = resample_horizontal(rows, src_stride, &horizontal);
+    let out = if need_vertical {
+        resample_vertical(&temp, width as usize * 3, &vertical, first_row)
     } else {
-        let out = resample_vertical(src, src_stride, &vertical, 0);
-        buffer_to_image(width, height, out)
-    }
+        temp
+    };
+    buffer_to_image(width, height, out)
+}
+
+/// Pillow's choice of pass order: vertical first when the height shrinks by more than twice
+/// as many pixels as the width (a width that grows counts as a negative shrink).
+fn vertical_pass_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
+    let shrink_h = i64::from(in_h) - i64::from(out_h);
+    let shrink_w = i64::from(in_w) - i64::from(out_w);
+    shrink_h > 0 && shrink_h > 2 * shrink_w
 }
 
 /// Wraps a buffer this module built with exactly `width * height * 3` bytes.
