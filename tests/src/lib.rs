@@ -107,15 +107,29 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .expect("f32 data")
 }
 
-/// Largest |a − b| over the positions where `keep` is true (None keeps all).
+/// Largest |a − b| over the positions where `keep` is true (None keeps all); NaN as soon as
+/// either side holds a NaN or an infinity there, so that no `diff <= tol` check can pass over
+/// a broken value (`f32::max` alone would drop NaNs).
 pub fn max_abs_diff(a: &[f32], b: &[f32], keep: Option<&[bool]>) -> f32 {
     assert_eq!(a.len(), b.len(), "compared tensors differ in size");
     a.iter()
         .zip(b)
         .enumerate()
         .filter(|(i, _)| keep.is_none_or(|k| k[*i]))
-        .map(|(_, (x, y))| (x - y).abs())
-        .fold(0.0, f32::max)
+        .map(|(_, (x, y))| {
+            if x.is_finite() && y.is_finite() {
+                (x - y).abs()
+            } else {
+                f32::NAN
+            }
+        })
+        .fold(0.0, |worst, d| {
+            if d.is_nan() || worst.is_nan() {
+                f32::NAN
+            } else {
+                worst.max(d)
+            }
+        })
 }
 
 /// Asserts `|a − b| ≤ atol + rtol·|b|` elementwise where `keep` is true.
@@ -240,4 +254,161 @@ pub fn vision_pixels(device: &Device) -> Tensor<4> {
     Tensors::open(fixtures().join("vision_inputs.safetensors"))
         .f32("pixel_values")
         .to_device(device)
+}
+
+/// Every model fixture: Qwen2 (0.5B, tied and untied head), InternLM2 (1.8B/7B), Phi-3 (3.8B).
+pub const MODEL_FIXTURES: [&str; 4] = ["tiny_tied", "tiny_untied", "internlm2_tiny", "phi3_tiny"];
+
+/// Largest |got − want| over `keep`, as a fraction of the largest |want| there; NaN when either
+/// side holds a non-finite value.
+pub fn relative_error(got: &[f32], want: &[f32], keep: Option<&[bool]>) -> f32 {
+    let scale = want
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| keep.is_none_or(|k| k[*i]))
+        .fold(0.0f32, |m, (_, x)| m.max(x.abs()));
+    max_abs_diff(got, want, keep) / scale.max(f32::MIN_POSITIVE)
+}
+
+/// A model computed in half precision on `device` (already set to `dtype`) against the f32
+/// reference of every model fixture, on the left-padded text batch: the prefill logits of the
+/// real tokens, the logits of eight cached decode steps fed the reference's tokens, those of
+/// three-beam copies of the rows (the cache reordered as beam search does), and the first
+/// greedy token of each row. `rel_tol` bounds every logit error as a fraction of the largest
+/// reference logit. Returns the worst relative error seen, per fixture.
+pub fn check_half_precision(
+    dev_name: &str,
+    device: &Device,
+    dtype: burn::tensor::DType,
+    rel_tol: f32,
+) -> Vec<(&'static str, f32)> {
+    use phantom_infer::Session;
+    let options = phantom_model::LoadOptions { dtype };
+    let mut report = Vec::new();
+    for name in MODEL_FIXTURES {
+        let fx = Fixture::open(name);
+        let ctx = format!("{dev_name} {dtype:?} {name}");
+        let model = phantom_model::load_model(fx.dir(), device, options)
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        assert_eq!(
+            model.language_model.model.norm.gamma.val().dtype(),
+            dtype,
+            "{ctx}: parameters"
+        );
+        let mut worst = 0.0f32;
+        let mut check = |what: &str, got: Vec<f32>, want: &[f32], keep: Option<&[bool]>| {
+            let err = relative_error(&got, want, keep);
+            assert!(
+                err <= rel_tol,
+                "{ctx} {what}: off by {err} of the largest logit (allowed {rel_tol})"
+            );
+            worst = worst.max(err);
+        };
+
+        // The padded batch in one forward.
+        let input = fx.input("text");
+        let logits = model.forward(&input, None).unwrap();
+        assert_eq!(logits.dtype(), dtype, "{ctx}: logits");
+        let want = fx.outputs.f32("text.logits_generate_pos");
+        let keep = expand_mask(&input.attention_mask, want.shape[2]);
+        check("prefill logits", values(logits), &want.data, Some(&keep));
+
+        // Cached decode steps, fed the reference's greedy tokens.
+        let want_ids = fx.outputs.i64("text.gen.sequences").rows();
+        let want_steps = fx.outputs.f32("text.gen.step_logits");
+        let (steps, b, v) = (
+            want_steps.shape[0],
+            want_steps.shape[1],
+            want_steps.shape[2],
+        );
+        let step_logits = |step: usize| &want_steps.data[step * b * v..(step + 1) * b * v];
+        let (mut session, mut logits) = Session::prefill(&model, &input, None).unwrap();
+        // The first greedy token is the reference's, unless the reference itself has a near
+        // tie there that half precision cannot resolve (tiny_untied's second row: 5e-3 between
+        // its top two logits, finer than bf16's 1.6e-2 step at that size): then it must be the
+        // tied token.
+        let scale = step_logits(0).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (row, got) in values(logits.clone()).chunks(v).enumerate() {
+            let pick = phantom_infer::generate::argmax(got) as usize;
+            let reference = &step_logits(0)[row * v..(row + 1) * v];
+            let want = want_ids[row][0] as usize;
+            let shortfall = reference[want] - reference[pick];
+            assert!(
+                pick == want || shortfall <= rel_tol * scale,
+                "{ctx} row {row}: first greedy token {pick}, the reference's {want} \
+                 (its logit is {shortfall} higher there)"
+            );
+        }
+        for step in 0..steps {
+            check(
+                &format!("decode step {step}"),
+                values(logits.clone()),
+                step_logits(step),
+                None,
+            );
+            if step + 1 < steps {
+                let feed: Vec<u32> = want_ids.iter().map(|r| r[step] as u32).collect();
+                logits = session.step(&feed).unwrap();
+            }
+        }
+
+        // Three beams per row: copies of each row through the reordered cache.
+        let (mut session, _) = Session::prefill(&model, &input, None).unwrap();
+        let beams: Vec<usize> = (0..b).flat_map(|r| [r, r, r]).collect();
+        session.select_rows(&beams);
+        let feed: Vec<u32> = beams.iter().map(|&r| want_ids[r][0] as u32).collect();
+        let got = values(session.step(&feed).unwrap());
+        let want: Vec<f32> = beams
+            .iter()
+            .flat_map(|&r| step_logits(1)[r * v..(r + 1) * v].iter().copied())
+            .collect();
+        check("beam rows", got, &want, None);
+        report.push((name, worst));
+    }
+    report
+}
+
+/// The test devices (see [`test_devices`]) set to compute in `precision`: every one that can.
+/// ndarray computes in f32 only and wgpu has no bf16; any other refusal fails the test.
+pub fn half_precision_devices(
+    precision: phantom_model::device::Precision,
+) -> Vec<(String, Device)> {
+    use phantom_model::device::{Precision, device_with_precision};
+    test_devices()
+        .into_iter()
+        .filter_map(
+            |(name, _)| match device_with_precision(Some(&name), precision) {
+                Ok(device) => Some((name, device)),
+                Err(_) if name == "ndarray" => None,
+                Err(_) if name == "wgpu" && precision == Precision::Bf16 => None,
+                Err(e) => panic!("{name} in {precision}: {e}"),
+            },
+        )
+        .collect()
+}
+
+/// The trained demo model's greedy answer about its square, computed on `device` in `dtype`.
+pub fn demo_answer(device: &Device, dtype: burn::tensor::DType) -> String {
+    use phantom_model::processor::image::ImageProcessor;
+    use phantom_model::processor::prompt::Turn;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo_model");
+    let model = phantom_model::load_model(&dir, device, phantom_model::LoadOptions { dtype })
+        .unwrap_or_else(|e| panic!("demo model: {e}"));
+    let chat = phantom_infer::Chat::from_dir(model, &dir).unwrap();
+    let image = ImageProcessor::default()
+        .open(dir.join("square.png"))
+        .unwrap();
+    let config = phantom_infer::GenerationConfig {
+        max_new_tokens: 16,
+        ..phantom_infer::GenerationConfig::default()
+    };
+    let (text, _) = chat
+        .answer(
+            &[Turn::question("What colour is the square?")],
+            std::slice::from_ref(&image),
+            &config,
+            |_| std::ops::ControlFlow::Continue(()),
+        )
+        .unwrap();
+    text
 }

@@ -139,14 +139,18 @@ impl CausalLm {
             cache.key_mask[row].extend_from_slice(mask);
         }
 
-        // Query i (absolute index past+i) sees key j iff j ≤ past+i and key j is real.
+        // Query i (absolute index past+i) sees key j iff j ≤ past+i and key j is real. A pad
+        // query also sees itself: a row of scores with every key hidden is a softmax of NaN in
+        // half precision (the fill value is -inf there), and the NaN would reach the real
+        // tokens through the pad's value vector in the next layer.
         let mut hidden = Vec::with_capacity(b * t * s);
         for keys in &cache.key_mask {
             for i in 0..t {
+                let query = past + i;
                 hidden.extend(
                     keys.iter()
                         .enumerate()
-                        .map(|(j, &real)| !real || j > past + i),
+                        .map(|(j, &real)| j != query && (!real || j > query)),
                 );
             }
         }
