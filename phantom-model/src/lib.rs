@@ -10,6 +10,8 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod error;
+#[cfg(feature = "cpu-kernels")]
+pub mod kernels;
 pub mod linear;
 pub mod model;
 pub mod phantom;

@@ -1,14 +1,12 @@
-//! Linear layers laid out for the CPU.
+//! Linear layers, with their weights laid out for the CPU.
 //!
 //! Burn keeps a linear weight as `[in, out]`; the checkpoints store `[out, in]`. On Burn's CPU
-//! backend (flex) the checkpoints' order is much faster: the GEMM kernel runs a product whose
-//! weight is column-major several times faster (prefill and the vision tower: 5× on a 2-core
-//! machine), and a matrix–vector product (a decode step) reads each output's weights as one
-//! contiguous row instead of a strided column. So on a multi-threaded CPU device [`prepare`]
+//! backend (flex) the checkpoints' order is the fast one: [`crate::kernels`] streams each
+//! output's weights as one contiguous row for a decode step, and the GEMM of a prompt or a
+//! vision tile runs several times faster with a column-major weight. So on flex [`prepare`]
 //! keeps every projection weight in `[out, in]` memory order (Burn sees a transposed view, so
-//! the model code and the checkpoint keys are unchanged), and [`linear`] multiplies a few rows
-//! as a batch of contiguous row blocks `[p, out/p, in] · xᵀ`, which flex runs one per core
-//! (it runs a single matrix–vector product on one thread). Each output is the same dot product.
+//! the model code and the checkpoint keys are unchanged), and [`linear`] hands the product to
+//! the kernels where they apply.
 
 use burn::module::Param;
 use burn::nn::Linear;
@@ -16,42 +14,17 @@ use burn::prelude::*;
 
 use crate::PhantomModel;
 
-/// Rows up to which a product counts as matrix–vector work (a decode step of a few sequences).
-const MAX_ROWS: usize = 4;
-/// Smallest weight worth splitting (multiply-adds per row): below this flex runs even a batch
-/// on one thread.
-const MIN_WEIGHT: usize = 128 * 128 * 128;
-/// Flex parallelises inside one product from this many multiply-adds on; below it, it runs
-/// the matrices of a batch on separate threads (and above it, from four matrices on).
-const FLEX_PARALLEL_OPS: usize = 192 * 192 * 192;
-
-/// Whether `device` is a multi-threaded CPU backend that benefits (flex off the browser).
-fn is_threaded_cpu(device: &Device) -> bool {
-    !cfg!(target_arch = "wasm32") && format!("{device:?}").starts_with("Device<Flex") && cores() > 1
-}
-
-/// Cores of this machine, read once: the lookup touches the OS (cgroup files on Linux) and
-/// every linear layer asks.
-fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
-}
-
-/// Row blocks to split an `[n, k]` weight into for `rows` input rows, or `None` to use one
-/// plain product.
-fn blocks(device: &Device, rows: usize, k: usize, n: usize) -> Option<usize> {
-    if rows > MAX_ROWS || k * n < MIN_WEIGHT || !is_threaded_cpu(device) {
-        return None;
+/// Whether `device` is the flex CPU backend, whose weights [`prepare`] lays out `[out, in]`.
+fn wants_out_in(device: &Device) -> bool {
+    #[cfg(feature = "cpu-kernels")]
+    {
+        crate::kernels::is_flex(device)
     }
-    let cores = cores();
-    let p = if k * n / cores < FLEX_PARALLEL_OPS {
-        cores
-    } else {
-        cores.max(4)
-    };
-    [p, 8, 4, 2]
-        .into_iter()
-        .find(|&p| n.is_multiple_of(p) && n / p >= 16)
+    #[cfg(not(feature = "cpu-kernels"))]
+    {
+        let _ = device;
+        false
+    }
 }
 
 /// `weight` (`[k, n]`) stored as its transpose `[n, k]` in memory, seen as `[k, n]` by Burn.
@@ -70,11 +43,11 @@ fn relayout(linear: &mut Linear) {
 }
 
 /// Lays the projection weights of `model` (vision tower, projector, decoder, untied head) out
-/// for [`linear`] when it lives on a multi-threaded CPU device; elsewhere it leaves them as
-/// they are. Loading and [`PhantomModel::new`] call it.
+/// for [`linear`] when it lives on flex; elsewhere it leaves them as they are. Loading and
+/// [`PhantomModel::new`] call it.
 pub fn prepare(model: &mut PhantomModel) {
-    let device = model.language_model.model.embed_tokens.weight.device();
-    if !is_threaded_cpu(&device) {
+    let device = model.language_model.model.embed_tokens.weight.lazy_device();
+    if !wants_out_in(&device) {
         return;
     }
     for layer in &mut model.vision_model.encoder.layers {
@@ -114,18 +87,17 @@ pub fn prepare(model: &mut PhantomModel) {
     }
 }
 
-/// `[n, k] · x` for `x` of `rows` rows (`[rows, k]`), as `p` contiguous row blocks; `[rows, n]`.
-fn blocked_product(weight_t: Tensor<2>, x: Tensor<2>, p: usize) -> Tensor<2> {
-    let [n, k] = weight_t.dims();
-    let rows = x.dims()[0];
-    weight_t
-        .reshape([p, n / p, k])
-        .matmul(x.transpose().unsqueeze::<3>()) // [p, n/p, rows]
-        .reshape([n, rows])
-        .transpose()
+/// `x · wᵀ` for `x` `[rows, k]` and `w_nk` seen as `[n, k]`: the CPU kernels where they apply,
+/// Burn's matmul otherwise.
+fn product(x: Tensor<2>, w_nk: Tensor<2>) -> Tensor<2> {
+    #[cfg(feature = "cpu-kernels")]
+    if let Some(y) = crate::kernels::linear_rows(&x, &w_nk) {
+        return y;
+    }
+    x.matmul(w_nk.transpose())
 }
 
-/// `layer.forward(x)`; matrix–vector products run as row blocks on every core.
+/// `layer.forward(x)`, through the CPU kernels where they apply.
 ///
 /// The product is always taken on `[rows, k]`: Burn's `Linear` broadcasts its weight to the
 /// input's rank first, which copies a weight kept in `[out, in]` order.
@@ -135,11 +107,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let rows: usize = dims[..D - 1].iter().product();
     let weight = layer.weight.val();
     let n = weight.dims()[1];
-    let x = x.reshape([rows, k]);
-    let y = match blocks(&weight.device(), rows, k, n) {
-        Some(p) => blocked_product(weight.transpose(), x, p),
-        None => x.matmul(weight),
-    };
+    let y = product(x.reshape([rows, k]), weight.transpose());
     let y = match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
@@ -149,16 +117,14 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     y.reshape(out)
 }
 
-/// Logits `hidden · Eᵀ` (`[rows, V]`) of a head tied to the embedding `E` (`[V, d]`), computed
-/// as `(E · hiddenᵀ)ᵀ` so that the embedding stays contiguous and only the small result is
-/// transposed; matrix–vector products run as row blocks of `E` on every core.
+/// Logits `hidden · Eᵀ` (`[rows, V]`) of a head tied to the embedding `E` (`[V, d]`), with the
+/// embedding read as it is stored.
 pub fn tied_head(embedding: Tensor<2>, hidden: Tensor<2>) -> Tensor<2> {
-    let [v, d] = embedding.dims();
-    let [rows, _] = hidden.dims();
-    match blocks(&embedding.device(), rows, d, v) {
-        Some(p) => blocked_product(embedding, hidden, p),
-        None => embedding.matmul(hidden.transpose()).transpose(),
+    #[cfg(feature = "cpu-kernels")]
+    if let Some(y) = crate::kernels::linear_rows(&hidden, &embedding) {
+        return y;
     }
+    embedding.matmul(hidden.transpose()).transpose()
 }
 
 #[cfg(all(test, feature = "flex"))]
@@ -194,7 +160,7 @@ mod tests {
         out
     }
 
-    /// Largest absolute difference.
+    /// Largest absolute difference; NaN if either side holds one.
     fn worst(got: &[f32], want: &[f32]) -> f32 {
         got.iter()
             .zip(want)
@@ -213,11 +179,9 @@ mod tests {
     }
 
     #[test]
-    fn blocked_products_equal_the_plain_product() {
+    fn kernel_products_equal_the_plain_product() {
         let device = Device::flex();
-        // Large enough to be split on a multi-core machine; the first two dims give 2 rows.
-        let (k, n) = (256, 8192);
-        assert!(k * n >= MIN_WEIGHT);
+        let (k, n) = (256, 520);
         let w = values(k * n, 1);
         let b = values(n, 2);
         let mut layer = LinearConfig::new(k, n).init(&device);
@@ -233,7 +197,8 @@ mod tests {
             if relaid {
                 relayout(&mut layer);
             }
-            for rows in [1, 3, 9] {
+            // 1–8 rows go through the kernels once relaid; 9 and 40 through the GEMM.
+            for rows in [1, 3, 8, 9, 40] {
                 let x = values(rows * k, 3 + rows as u64);
                 let input =
                     Tensor::<3>::from_data(TensorData::new(x.clone(), [1, rows, k]), &device);
@@ -245,9 +210,9 @@ mod tests {
     }
 
     #[test]
-    fn tied_head_blocks_equal_the_plain_product() {
+    fn tied_head_equals_the_plain_product() {
         let device = Device::flex();
-        let (v, d) = (8192, 256);
+        let (v, d) = (1000, 64);
         let e = values(v * d, 4);
         let embedding = Tensor::<2>::from_data(TensorData::new(e.clone(), [v, d]), &device);
         // Eᵀ as a [d, v] host matrix for the reference.
@@ -257,33 +222,12 @@ mod tests {
                 et[j * v + i] = e[i * d + j];
             }
         }
-        for rows in [1, 2] {
+        for rows in [1, 2, 12] {
             let h = values(rows * d, 5);
             let hidden = Tensor::<2>::from_data(TensorData::new(h.clone(), [rows, d]), &device);
             let got = host(tied_head(embedding.clone(), hidden));
             let worst = worst(&got, &reference(&h, &et, &vec![0.0; v], rows, d, v));
             assert!(worst < 1e-4, "{rows} rows: off by {worst}");
         }
-    }
-
-    #[test]
-    fn blocks_split_only_small_batches_of_large_weights() {
-        let device = Device::flex();
-        let threaded = std::thread::available_parallelism().map_or(1, usize::from) > 1;
-        let p = blocks(&device, 1, 896, 4864);
-        assert_eq!(p.is_some(), threaded);
-        if let Some(p) = p {
-            assert_eq!(4864 % p, 0);
-        }
-        assert_eq!(
-            blocks(&device, 128, 896, 4864),
-            None,
-            "prefill is one product"
-        );
-        assert_eq!(
-            blocks(&device, 1, 64, 64),
-            None,
-            "small weights are one product"
-        );
     }
 }

@@ -104,6 +104,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
 
+    // Burn draws a parameter on first use: a short untimed prompt draws them all, so the
+    // timings below measure computation only.
+    let warm_up = ModelInput::unpadded(vec![random_ids(8, vocab, 0)]);
+    let _ = Session::prefill(&model, &warm_up, None)?.1.into_data();
+
     let prompt = ModelInput::unpadded(vec![random_ids(args.prompt_len, vocab, 1)]);
     let start = Instant::now();
     let (_session, logits) = Session::prefill(&model, &prompt, None)?;

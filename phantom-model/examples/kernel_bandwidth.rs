@@ -1,0 +1,46 @@
+//! Read bandwidth of the decode kernels: one activation row times a stack of weights as large
+//! as Phantom-0.5B's decoder, in each weight precision.
+//!
+//! `cargo run --release -p phantom-model --example kernel_bandwidth`
+
+use std::time::Instant;
+
+use half::{bf16, f16};
+use phantom_model::kernels::dot::{Weight, matvec};
+
+fn run<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
+    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let bytes: usize = weights.iter().map(|w| w.len() * size_of::<W>()).sum();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for w in weights {
+            std::hint::black_box(matvec(&x, 1, k, w, n));
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "{name}: {:.1} GB/s ({:.1} ms per pass)",
+        bytes as f64 / best / 1e9,
+        best * 1e3
+    );
+}
+
+fn main() {
+    // 24 layers of the MLP's gate projection: 4864 x 896.
+    let (k, n, layers) = (896, 4864, 72);
+    let f: Vec<Vec<f32>> = (0..layers)
+        .map(|l| (0..n * k).map(|i| ((i + l) as f32 * 1e-3).cos()).collect())
+        .collect();
+    run("f32", &f, k, n);
+    let b: Vec<Vec<bf16>> = f
+        .iter()
+        .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+        .collect();
+    run("bf16", &b, k, n);
+    let h: Vec<Vec<f16>> = f
+        .iter()
+        .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+        .collect();
+    run("f16", &h, k, n);
+}

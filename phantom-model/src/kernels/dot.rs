@@ -1,0 +1,416 @@
+//! The numeric kernels: products of a few f32 activation rows with a weight stored row-major
+//! as `[n, k]` in f32, f16 or bf16, accumulated in f32.
+//!
+//! Each kernel body is written once, as plain Rust that the compiler vectorises, and compiled
+//! again for AVX-512 and for AVX2 + FMA; the widest one the processor has is picked at run
+//! time. Elsewhere (aarch64, WebAssembly with simd128) the portable build vectorises for
+//! whatever the target enables.
+
+use half::{bf16, f16};
+
+/// Activation rows up to which a product runs as matrix–vector work (a decode step of a few
+/// sequences or beams); larger batches use a GEMM.
+pub const MAX_ROWS: usize = 8;
+
+/// f32 lanes accumulated side by side: two AVX-512 registers (four AVX2 ones), so that a
+/// single row has independent FMA chains and does not wait on each sum's latency.
+const LANES: usize = 32;
+
+/// A weight element the kernels read: f32 as it is, f16 and bf16 widened to f32.
+pub trait Weight: Copy + Send + Sync + 'static {
+    /// Writes `src` as f32 into `dst` (of the same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl Weight for bf16 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // bf16 is the upper half of an f32: a shift, which vectorises.
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+    }
+}
+
+impl Weight for f16 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f16_bits_to_f32(s.to_bits());
+        }
+    }
+}
+
+/// IEEE half → single, without branches so that it vectorises: the exponent and mantissa are
+/// moved into place and scaled by 2^112 (the difference of the exponent biases), which is
+/// exact for normal and subnormal halves alike; infinities and NaNs get the all-ones exponent.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    const TWO_POW_112: f32 = f32::from_bits((127 + 112) << 23);
+    let h = u32::from(h);
+    let magnitude = h & 0x7fff;
+    let scaled = f32::from_bits(magnitude << 13) * TWO_POW_112;
+    let special = f32::from_bits((magnitude << 13) | 0x7f80_0000);
+    let value = if magnitude >= 0x7c00 { special } else { scaled };
+    f32::from_bits(value.to_bits() | ((h & 0x8000) << 16))
+}
+
+/// `a·b + c`, fused where the build has FMA (a plain `mul_add` without it is a library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// Adds `w · x[r]` lane-wise into `acc[r]` for the first `w.len() / LANES * LANES` elements,
+/// widening each chunk of weights in registers.
+#[inline(always)]
+fn accumulate<W: Weight, const R: usize, const FMA: bool>(
+    w: &[W],
+    x: &[&[f32]; R],
+    acc: &mut [[f32; LANES]; R],
+) {
+    let full = w.len() / LANES * LANES;
+    let mut wc = [0.0f32; LANES];
+    for start in (0..full).step_by(LANES) {
+        W::widen(&w[start..start + LANES], &mut wc);
+        for r in 0..R {
+            let xc: &[f32; LANES] = x[r][start..start + LANES].try_into().expect("a full chunk");
+            for l in 0..LANES {
+                acc[r][l] = madd::<FMA>(wc[l], xc[l], acc[r][l]);
+            }
+        }
+    }
+}
+
+/// The dot products of one weight row with `R` activation rows (each of length `k`).
+#[inline(always)]
+fn row_dots<W: Weight, const R: usize, const FMA: bool>(w: &[W], x: &[&[f32]; R]) -> [f32; R] {
+    let k = w.len();
+    let mut acc = [[0.0f32; LANES]; R];
+    accumulate::<W, R, FMA>(w, x, &mut acc);
+    let done = k / LANES * LANES;
+    let mut tail = [0.0f32; R];
+    if done < k {
+        let mut rest = [0.0f32; LANES];
+        W::widen(&w[done..], &mut rest[..k - done]);
+        for (i, &wi) in rest[..k - done].iter().enumerate() {
+            for r in 0..R {
+                tail[r] += wi * x[r][done + i];
+            }
+        }
+    }
+    std::array::from_fn(|r| acc[r].iter().sum::<f32>() + tail[r])
+}
+
+/// `out[j·m + r] = Σ_i w[j·k + i] · x[r·k + i]` for the weight rows of `w` (a block of the
+/// weight) and all `m` activation rows, processed four rows at a time.
+#[inline(always)]
+fn block_body<W: Weight, const FMA: bool>(x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
+    for (j, row) in w.chunks_exact(k).enumerate() {
+        let out = &mut out[j * m..(j + 1) * m];
+        let mut r0 = 0;
+        while r0 < m {
+            let x_row = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
+            match m - r0 {
+                1 => {
+                    let [a] = row_dots::<W, 1, FMA>(row, &[x_row(0)]);
+                    out[r0] = a;
+                    r0 += 1;
+                }
+                2 => {
+                    let d = row_dots::<W, 2, FMA>(row, &[x_row(0), x_row(1)]);
+                    out[r0..r0 + 2].copy_from_slice(&d);
+                    r0 += 2;
+                }
+                3 => {
+                    let d = row_dots::<W, 3, FMA>(row, &[x_row(0), x_row(1), x_row(2)]);
+                    out[r0..r0 + 3].copy_from_slice(&d);
+                    r0 += 3;
+                }
+                _ => {
+                    let d = row_dots::<W, 4, FMA>(row, &[x_row(0), x_row(1), x_row(2), x_row(3)]);
+                    out[r0..r0 + 4].copy_from_slice(&d);
+                    r0 += 4;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn block_avx512<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
+    block_body::<W, true>(x, m, k, w, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_avx2<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
+    block_body::<W, true>(x, m, k, w, out);
+}
+
+/// The instruction sets the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f16c = std::arch::is_x86_feature_detected!("f16c");
+            let fma = std::arch::is_x86_feature_detected!("fma");
+            if std::arch::is_x86_feature_detected!("avx512f") && fma && f16c {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && fma && f16c {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// One block of weight rows on the best instruction set.
+fn block<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
+    match isa() {
+        // SAFETY: `isa()` chose these only after detecting every feature they enable.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { block_avx512(x, m, k, w, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { block_avx2(x, m, k, w, out) },
+        Isa::Portable => block_body::<W, false>(x, m, k, w, out),
+    }
+}
+
+/// Weight rows per parallel task: a few tasks per core, none too small to be worth a task.
+fn rows_per_task(n: usize, k: usize) -> usize {
+    let threads = super::threads();
+    let min_rows = (16 * 1024 / k.max(1)).max(1);
+    n.div_ceil(threads * 4).max(min_rows).min(n.max(1))
+}
+
+/// `y = x · wᵀ` for `x` `[m, k]` (row-major, f32) and `w` `[n, k]` (row-major): `y` is
+/// `[m, n]`. Meant for `m ≤ MAX_ROWS`: every weight is read once, whatever `m`.
+pub fn matvec<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    // Outputs weight-row-major ([n, m]) so that every task writes one contiguous range.
+    let mut yt = vec![0.0f32; n * m];
+    if k == 0 {
+        return yt;
+    }
+    let rows = rows_per_task(n, k);
+    super::for_each_chunk(&mut yt, rows * m, |index, out| {
+        let j0 = index * rows;
+        let count = out.len() / m;
+        block(x, m, k, &w[j0 * k..(j0 + count) * k], out);
+    });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0.0f32; m * n];
+    for (j, outs) in yt.chunks_exact(m).enumerate() {
+        for (r, &v) in outs.iter().enumerate() {
+            y[r * n + j] = v;
+        }
+    }
+    y
+}
+
+/// Weight rows widened at a time for [`matmul_widened`]: a block that stays in the caches.
+const GEMM_ROWS: usize = 64;
+
+/// A raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes its own columns of the output and nothing reads them until all
+// tasks are done.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+/// `y = x · wᵀ` for many rows (`x` `[m, k]` f32, `w` `[n, k]` f16 or bf16): the weight is
+/// widened [`GEMM_ROWS`] rows at a time into a GEMM in f32, never as a whole.
+pub fn matmul_widened<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    let mut y = vec![0.0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return y;
+    }
+    let out = Out(y.as_mut_ptr());
+    let blocks = n.div_ceil(GEMM_ROWS);
+    super::for_each_index(blocks, |b| {
+        let out = out;
+        let j0 = b * GEMM_ROWS;
+        let count = GEMM_ROWS.min(n - j0);
+        let mut widened = vec![0.0f32; count * k];
+        W::widen(&w[j0 * k..(j0 + count) * k], &mut widened);
+        // SAFETY: `x` is [m, k] row-major, `widened` is [count, k] row-major read as its
+        // transpose [k, count] (row stride 1, column stride k), and the destination is the
+        // columns j0..j0+count of the [m, n] row-major `y`, which no other task writes.
+        unsafe {
+            gemm::gemm(
+                m,
+                count,
+                k,
+                out.0.add(j0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                widened.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `x · wᵀ` in f64, `w` given as f32 values.
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|i| f64::from(x[r * k + i]) * f64::from(w[j * k + i]))
+                    .sum();
+                y[r * n + j] = dot as f32;
+            }
+        }
+        y
+    }
+
+    fn worst(got: &[f32], want: &[f32]) -> f32 {
+        assert_eq!(got.len(), want.len());
+        got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+            let d = (g - w).abs();
+            if m.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
+    }
+
+    /// Odd sizes exercise the lane tails, the widening blocks and uneven task splits.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (1, 1, 1),
+        (1, 17, 3),
+        (2, 300, 33),
+        (3, 64, 129),
+        (4, 257, 7),
+        (5, 896, 130),
+        (8, 1000, 61),
+    ];
+
+    #[test]
+    fn matvec_equals_the_f64_product_for_every_weight_type() {
+        for (m, k, n) in SHAPES {
+            let x = values(m * k, 1 + k as u64);
+            let w = values(n * k, 2 + n as u64);
+            let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
+            let got = matvec(&x, m, k, &w, n);
+            let e = worst(&got, &reference(&x, m, k, &w, n));
+            assert!(e <= tol, "f32 {m}x{k}x{n}: off by {e}");
+
+            // Half weights: the reference uses the rounded weights, so only f32 sums differ.
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wb_f: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let e = worst(&matvec(&x, m, k, &wb, n), &reference(&x, m, k, &wb_f, n));
+            assert!(e <= tol, "bf16 {m}x{k}x{n}: off by {e}");
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wh_f: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            let e = worst(&matvec(&x, m, k, &wh, n), &reference(&x, m, k, &wh_f, n));
+            assert!(e <= tol, "f16 {m}x{k}x{n}: off by {e}");
+        }
+    }
+
+    #[test]
+    fn widened_gemm_equals_the_f64_product() {
+        for (m, k, n) in [(9, 17, 3), (16, 300, 65), (33, 64, 200), (128, 96, 64)] {
+            let x = values(m * k, 3 + k as u64);
+            let w = values(n * k, 4 + n as u64);
+            let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wb_f: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let e = worst(
+                &matmul_widened(&x, m, k, &wb, n),
+                &reference(&x, m, k, &wb_f, n),
+            );
+            assert!(e <= tol, "bf16 {m}x{k}x{n}: off by {e}");
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wh_f: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            let e = worst(
+                &matmul_widened(&x, m, k, &wh, n),
+                &reference(&x, m, k, &wh_f, n),
+            );
+            assert!(e <= tol, "f16 {m}x{k}x{n}: off by {e}");
+        }
+    }
+
+    #[test]
+    fn every_half_widens_exactly() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_bits_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_weight_shows_in_its_output() {
+        let (m, k, n) = (1, 40, 3);
+        let x = values(m * k, 5);
+        let mut w = values(n * k, 6);
+        w[k + 7] = f32::NAN;
+        let y = matvec(&x, m, k, &w, n);
+        assert!(y[0].is_finite() && y[1].is_nan() && y[2].is_finite());
+    }
+}

@@ -1,0 +1,143 @@
+//! CPU kernels for the products that dominate a Phantom model on Burn's flex backend.
+//!
+//! Decoding a token multiplies a few activation rows by every weight of the model once, so its
+//! speed is the speed at which the weights stream from memory. [`dot`] reads a weight stored
+//! row-major as `[out, in]` (the checkpoints' order) in its own precision — f32, f16 or bf16 —
+//! widens it in registers, accumulates in f32 and splits the output
+//! rows over the cores. Larger batches (a prompt, the vision tower) in half precision widen the
+//! weight a block of rows at a time into a GEMM in f32, never the whole weight; f32 weights
+//! there stay with Burn's own GEMM.
+//!
+//! [`linear_rows`] is the entry point: it works on flex tensors (not autodiff ones, whose
+//! products must be recorded) and answers `None` for anything else, so callers fall back to
+//! Burn's matmul.
+
+pub mod dot;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn_flex::{Flex, FlexTensor};
+use half::{bf16, f16};
+
+pub use dot::MAX_ROWS;
+
+/// Threads the kernels split work over.
+fn threads() -> usize {
+    #[cfg(feature = "threads")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "threads"))]
+    {
+        1
+    }
+}
+
+/// Runs `f(index, chunk)` over the `chunk`-sized pieces of `data`, on every core when threads
+/// are compiled in.
+fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    #[cfg(feature = "threads")]
+    {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+    #[cfg(not(feature = "threads"))]
+    for (i, c) in data.chunks_mut(chunk).enumerate() {
+        f(i, c);
+    }
+}
+
+/// Runs `f(i)` for `i` in `0..count`, on every core when threads are compiled in.
+fn for_each_index(count: usize, f: impl Fn(usize) + Sync + Send) {
+    #[cfg(feature = "threads")]
+    {
+        use rayon::prelude::*;
+        (0..count).into_par_iter().for_each(f);
+    }
+    #[cfg(not(feature = "threads"))]
+    (0..count).for_each(f);
+}
+
+/// Whether `device` is a plain (not autodiff) flex device, the one these kernels serve.
+pub fn is_flex(device: &Device) -> bool {
+    matches!(device.as_dispatch(), burn_dispatch::DispatchDevice::Flex(_))
+}
+
+/// The contiguous values of a flex tensor, as a slice of its storage.
+fn contiguous_values<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> Option<&[E]> {
+    let layout = t.layout();
+    if !layout.is_contiguous() {
+        return None;
+    }
+    let start = layout.start_offset();
+    t.storage::<E>().get(start..start + layout.num_elements())
+}
+
+/// The activations `[m, k]` as f32 values.
+fn activations(x: FlexTensor) -> Option<Vec<f32>> {
+    let x = if x.is_contiguous() {
+        x
+    } else {
+        x.to_contiguous()
+    };
+    Some(match x.dtype() {
+        DType::F32 => contiguous_values::<f32>(&x)?.to_vec(),
+        DType::BF16 => contiguous_values::<bf16>(&x)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        DType::F16 => contiguous_values::<f16>(&x)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// `x · wᵀ` for `x` `[m, k]` and a weight `w_nk` that Burn sees as `[n, k]` and that is stored
+/// row-major in that order, on a flex device; `[m, n]` in `x`'s dtype. `None` where the
+/// kernels do not apply: another device, an autodiff tensor, a strided weight, an
+/// unsupported dtype, or f32 weights with more than [`MAX_ROWS`] rows (Burn's GEMM is as good
+/// there).
+pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
+    if !is_flex(&x.device()) || !is_flex(&w_nk.device()) {
+        return None;
+    }
+    let [m, k] = x.dims();
+    let [n, k_w] = w_nk.dims();
+    if k != k_w {
+        return None;
+    }
+    let weight_dtype = w_nk.dtype();
+    if m > MAX_ROWS && weight_dtype == DType::F32 {
+        return None;
+    }
+    let out_dtype = x.dtype();
+    let w = w_nk.clone().try_into_primitive::<Flex>().ok()?;
+    // The weight must already sit row-major as [n, k]: the kernels never copy a weight.
+    if !w.is_contiguous() {
+        return None;
+    }
+    let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
+    let y = match weight_dtype {
+        DType::F32 => product(&xs, m, k, contiguous_values::<f32>(&w)?, n),
+        DType::BF16 => product(&xs, m, k, contiguous_values::<bf16>(&w)?, n),
+        DType::F16 => product(&xs, m, k, contiguous_values::<f16>(&w)?, n),
+        _ => return None,
+    };
+    let mut data = TensorData::new(y, [m, n]);
+    if out_dtype != DType::F32 {
+        data = data.convert_dtype(out_dtype);
+    }
+    Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(data)))
+}
+
+fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+    if m <= MAX_ROWS {
+        dot::matvec(x, m, k, w, n)
+    } else {
+        dot::matmul_widened(x, m, k, w, n)
+    }
+}
