@@ -128,7 +128,7 @@ pub async fn generate_async(
     mut on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
 ) -> Result<Generation> {
     config.validate()?;
-    let (_, t) = input.dims();
+    let (b, t) = input.dims();
     let limit = model.config.llm.max_context();
     if t + config.max_new_tokens > limit {
         return Err(PhantomError::Input(format!(
@@ -136,39 +136,25 @@ pub async fn generate_async(
             config.max_new_tokens
         )));
     }
-    if config.num_beams > 1 {
-        let result = beam_search(model, input, pixel_values, config).await?;
-        'rows: for (row, seq) in result.sequences.iter().enumerate() {
-            for &token in seq {
-                if on_token(TokenEvent { row, token }).is_break() {
-                    break 'rows;
-                }
-            }
-        }
-        return Ok(result);
-    }
-    sample_loop(model, input, pixel_values, config, &mut on_token).await
-}
-
-async fn sample_loop(
-    model: &PhantomModel,
-    input: &ModelInput,
-    pixel_values: Option<Tensor<4>>,
-    config: &GenerationConfig,
-    on_token: &mut impl FnMut(TokenEvent) -> ControlFlow<()>,
-) -> Result<Generation> {
-    let (b, _) = input.dims();
-    let mut sequences = vec![Vec::new(); b];
     if config.max_new_tokens == 0 {
         input.validate(model.config.llm.vocab_size)?;
         return Ok(Generation {
-            sequences,
+            sequences: vec![Vec::new(); b],
             timings: Timings::default(),
         });
     }
-    let (mut session, mut logits) = Session::prefill_async(model, input, pixel_values).await?;
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut history: Vec<Vec<u32>> = input
+    let mut session = Session::new(model, b).reserve(t + config.max_new_tokens);
+    let logits = session.extend_async(input, pixel_values).await?;
+    let history = real_tokens(input);
+    let mut generation =
+        continue_async(&mut session, logits, history, config, &mut on_token).await?;
+    generation.timings = session.timings;
+    Ok(generation)
+}
+
+/// Each row's real (unpadded) tokens.
+pub fn real_tokens(input: &ModelInput) -> Vec<Vec<u32>> {
+    input
         .input_ids
         .iter()
         .zip(&input.attention_mask)
@@ -179,13 +165,55 @@ async fn sample_loop(
                 .map(|(i, _)| *i)
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// Generates from a session whose next-token logits are `logits` (`[B, V]`), after the tokens
+/// `history` (per row, for the repetition penalty). The session is left holding every token
+/// fed to it: the prompt and each chosen token except the last of each row. Timings are the
+/// session's own (callers that reuse a session reset them per answer).
+///
+/// Beam search reorders and duplicates the session's rows; it ends with one row per prompt,
+/// holding only what the session held before.
+pub async fn continue_async(
+    session: &mut Session<'_>,
+    logits: Tensor<2>,
+    history: Vec<Vec<u32>>,
+    config: &GenerationConfig,
+    on_token: &mut impl FnMut(TokenEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    config.validate()?;
+    if config.num_beams > 1 {
+        let result = beam_search(session, logits, config).await?;
+        'rows: for (row, seq) in result.sequences.iter().enumerate() {
+            for &token in seq {
+                if on_token(TokenEvent { row, token }).is_break() {
+                    break 'rows;
+                }
+            }
+        }
+        return Ok(result);
+    }
+    sample_loop(session, logits, history, config, on_token).await
+}
+
+async fn sample_loop(
+    session: &mut Session<'_>,
+    mut logits: Tensor<2>,
+    history: Vec<Vec<u32>>,
+    config: &GenerationConfig,
+    on_token: &mut impl FnMut(TokenEvent) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let b = logits.dims()[0];
+    let mut sequences = vec![Vec::new(); b];
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let mut seen: Vec<Seen> = history.iter().map(|row| Seen::new(row)).collect();
     let mut done = vec![false; b];
     // A finished row keeps being fed a stop token (its output is ignored), as batches must
     // advance together.
     let filler = config.stop_token_ids.first().copied().unwrap_or(0);
     for step in 0..config.max_new_tokens {
-        let next = choose(logits, &history, config, &mut rng).await?;
+        let next = choose(logits, &seen, config, &mut rng).await?;
         let mut stop = false;
         for row in 0..b {
             if done[row] {
@@ -193,7 +221,7 @@ async fn sample_loop(
             }
             let token = next[row];
             sequences[row].push(token);
-            history[row].push(token);
+            seen[row].insert(token);
             if config.stop_token_ids.contains(&token) {
                 done[row] = true;
             }
@@ -215,10 +243,37 @@ async fn sample_loop(
     })
 }
 
+/// The distinct tokens a row has seen, for the repetition penalty: kept sorted and updated one
+/// token at a time instead of being rebuilt every step.
+#[derive(Clone, Debug, Default)]
+pub struct Seen(Vec<u32>);
+
+impl Seen {
+    /// The distinct tokens of `tokens`.
+    pub fn new(tokens: &[u32]) -> Self {
+        let mut ids = tokens.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        Self(ids)
+    }
+
+    /// Adds one token.
+    pub fn insert(&mut self, token: u32) {
+        if let Err(at) = self.0.binary_search(&token) {
+            self.0.insert(at, token);
+        }
+    }
+
+    /// The distinct tokens, ascending.
+    pub fn tokens(&self) -> &[u32] {
+        &self.0
+    }
+}
+
 /// Picks one token per row from next-token logits `[B, V]`.
 async fn choose(
     logits: Tensor<2>,
-    history: &[Vec<u32>],
+    seen: &[Seen],
     config: &GenerationConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<u32>> {
@@ -239,13 +294,18 @@ async fn choose(
     Ok(host
         .chunks(v)
         .take(b)
-        .zip(history)
-        .map(|(row, seen)| sample_row(row.to_vec(), seen, config, rng))
+        .zip(seen)
+        .map(|(row, seen)| sample_row(row.to_vec(), seen.tokens(), config, rng))
         .collect())
 }
 
 /// Applies the repetition penalty, temperature, top-k and top-p to one row, then samples
-/// (or takes the argmax when the temperature is 0).
+/// (or takes the argmax when the temperature is 0). `seen` lists the distinct tokens the row
+/// has seen.
+///
+/// Only what the settings need is ordered: plain temperature sampling draws from the whole
+/// row without sorting it, top-k sorts its k candidates, and top-p widens a partial selection
+/// until it holds the probability mass p.
 pub fn sample_row(
     mut scores: Vec<f32>,
     seen: &[u32],
@@ -254,47 +314,86 @@ pub fn sample_row(
 ) -> u32 {
     if config.repetition_penalty != 1.0 {
         let p = config.repetition_penalty;
-        let mut seen: Vec<u32> = seen.to_vec();
-        seen.sort_unstable();
-        seen.dedup();
-        for &id in &seen {
+        for &id in seen {
             if let Some(s) = scores.get_mut(id as usize) {
                 *s = if *s < 0.0 { *s * p } else { *s / p };
             }
         }
     }
-    if config.temperature == 0.0 {
+    if config.temperature == 0.0 || scores.len() < 2 {
         return argmax(&scores);
     }
-    for s in &mut scores {
-        *s /= config.temperature;
+    let inv_t = 1.0 / f64::from(config.temperature);
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |s: f32| ((f64::from(s) - f64::from(max)) * inv_t).exp();
+    let top_k = if config.top_k > 0 {
+        config.top_k.min(scores.len())
+    } else {
+        scores.len()
+    };
+    if top_k == scores.len() && config.top_p >= 1.0 {
+        // The whole distribution: one pass for the total, one to draw.
+        let total: f64 = scores.iter().map(|&s| weight(s)).sum();
+        let mut draw = rng.random::<f64>() * total;
+        let mut last = 0;
+        for (i, &s) in scores.iter().enumerate() {
+            let w = weight(s);
+            if w > 0.0 {
+                last = i;
+            }
+            draw -= w;
+            if draw <= 0.0 {
+                return i as u32;
+            }
+        }
+        return last as u32;
     }
+    // Candidates in decreasing order: the top k, or for top-p a prefix grown until it holds
+    // the mass p (most rows need a few hundred tokens, not the vocabulary).
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    if config.top_k > 0 {
-        order.truncate(config.top_k);
+    let by_score = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]);
+    let total: f64 = if top_k < scores.len() {
+        0.0
+    } else {
+        scores.iter().map(|&s| weight(s)).sum()
+    };
+    let mut keep = if top_k < scores.len() {
+        top_k
+    } else {
+        64.min(scores.len())
+    };
+    loop {
+        if keep < order.len() {
+            order.select_nth_unstable_by(keep - 1, by_score);
+        }
+        order[..keep].sort_unstable_by(by_score);
+        if top_k < scores.len() || config.top_p >= 1.0 || keep == scores.len() {
+            break;
+        }
+        let mass: f64 = order[..keep].iter().map(|&i| weight(scores[i])).sum();
+        if mass >= f64::from(config.top_p) * total {
+            break;
+        }
+        keep = (keep * 4).min(scores.len());
     }
-    let max = scores[order[0]];
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| ((scores[i] - max) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    order.truncate(keep);
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(scores[i])).collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
     if config.top_p < 1.0 {
         let mut cumulative = 0.0;
-        let mut keep = probs.len();
+        let mut cut = probs.len();
         for (k, p) in probs.iter().enumerate() {
             cumulative += p;
-            if cumulative >= config.top_p as f64 {
-                keep = k + 1;
+            if cumulative >= f64::from(config.top_p) {
+                cut = k + 1;
                 break;
             }
         }
-        probs.truncate(keep);
-        order.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+        probs.truncate(cut);
+        order.truncate(cut);
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
     }
     let mut draw: f64 = rng.random();
     for (k, p) in probs.iter().enumerate() {
@@ -328,18 +427,17 @@ struct Hypothesis {
 /// paper's evaluation uses with 3 beams. Each prompt row keeps `num_beams` live hypotheses;
 /// a row is finished once it holds `num_beams` completed ones and no live beam can beat them.
 async fn beam_search(
-    model: &PhantomModel,
-    input: &ModelInput,
-    pixel_values: Option<Tensor<4>>,
+    session: &mut Session<'_>,
+    logits: Tensor<2>,
     config: &GenerationConfig,
 ) -> Result<Generation> {
-    let (b, _) = input.dims();
+    let b = logits.dims()[0];
     let k = config.num_beams;
-    let (mut session, logits) = Session::prefill_async(model, input, pixel_values).await?;
+    let prompt_len = session.len();
     // Expand each prompt row into k beams sharing its cache.
     let rows: Vec<usize> = (0..b).flat_map(|r| std::iter::repeat_n(r, k)).collect();
     session.select_rows(&rows);
-    let mut logprobs = host_log_softmax(logits).await?;
+    let mut logprobs = top_log_probs(logits, 2 * k).await?;
     // Only the first beam of a row is live at the start, so identical beams are not kept.
     let mut beams: Vec<Vec<Hypothesis>> = (0..b)
         .map(|_| {
@@ -349,7 +447,9 @@ async fn beam_search(
             }]
         })
         .collect();
-    logprobs = (0..b).flat_map(|r| vec![logprobs[r].clone(); k]).collect();
+    logprobs = (0..b)
+        .flat_map(|r| std::iter::repeat_n(logprobs[r].clone(), k))
+        .collect();
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
     let normalised = |h: &Hypothesis| h.score / h.tokens.len().max(1) as f64;
@@ -370,12 +470,8 @@ async fn beam_search(
             let mut candidates: Vec<(f64, usize, u32)> = Vec::new();
             for (slot, hyp) in beams[row].iter().enumerate() {
                 // After every reorder, slot s of a row sits at cache row row·k + s.
-                let lp = &logprobs[row * k + slot];
-                let mut best: Vec<(usize, f32)> = lp.iter().copied().enumerate().collect();
-                best.select_nth_unstable_by(2 * k - 1, |a, b| b.1.total_cmp(&a.1));
-                best.truncate(2 * k);
-                for (token, l) in best {
-                    candidates.push((hyp.score + l as f64, slot, token as u32));
+                for &(token, l) in &logprobs[row * k + slot] {
+                    candidates.push((hyp.score + f64::from(l), slot, token));
                 }
             }
             candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -418,8 +514,12 @@ async fn beam_search(
             break;
         }
         session.select_rows(&next_rows);
-        logprobs = host_log_softmax(session.step_async(&next_tokens).await?).await?;
+        logprobs = top_log_probs(session.step_async(&next_tokens).await?, 2 * k).await?;
     }
+    // One row per prompt again, holding what it held before the search.
+    let firsts: Vec<usize> = (0..b).map(|row| row * k).collect();
+    session.select_rows(&firsts);
+    session.truncate(prompt_len)?;
     let sequences = (0..b)
         .map(|row| {
             let mut pool = finished[row].clone();
@@ -437,14 +537,51 @@ async fn beam_search(
     })
 }
 
-async fn host_log_softmax(logits: Tensor<2>) -> Result<Vec<Vec<f32>>> {
-    let [_, v] = logits.dims();
-    let lp = read_back(burn::tensor::activation::log_softmax(logits, 1))
+/// The `n` most likely next tokens of every row with their log-probabilities, best first.
+///
+/// A GPU ranks them itself and sends back `n` per row; on the CPU the whole row is already in
+/// host memory and a linear-time selection beats sorting it there.
+async fn top_log_probs(logits: Tensor<2>, n: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let [rows, v] = logits.dims();
+    let n = n.min(v);
+    let lp = burn::tensor::activation::log_softmax(logits, 1);
+    let on_cpu = phantom_model::device::is_cpu(&lp.device());
+    let host = |t: TensorData| -> Result<Vec<f32>> {
+        t.convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| PhantomError::Input(format!("{e:?}")))
+    };
+    if on_cpu {
+        let all = host(read_back(lp).await?)?;
+        return Ok(all
+            .chunks(v)
+            .map(|row| {
+                let mut best: Vec<(u32, f32)> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, l))
+                    .collect();
+                best.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1));
+                best.truncate(n);
+                best.sort_by(|a, b| b.1.total_cmp(&a.1));
+                best
+            })
+            .collect());
+    }
+    let (values, indices) = lp.topk_with_indices(n, 1);
+    let values = host(read_back(values).await?)?;
+    let indices = read_back(indices)
         .await?
-        .convert::<f32>()
-        .try_to_vec::<f32>()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
         .map_err(|e| PhantomError::Input(format!("{e:?}")))?;
-    Ok(lp.chunks(v).map(<[f32]>::to_vec).collect())
+    Ok((0..rows)
+        .map(|r| {
+            (0..n)
+                .map(|i| (indices[r * n + i] as u32, values[r * n + i]))
+                .collect()
+        })
+        .collect())
 }
 
 /// Copies a tensor to the host without blocking the thread (the only way a browser's GPU can

@@ -61,6 +61,10 @@ fn per_second(n: usize, d: Duration) -> f64 {
 }
 
 /// A batch being generated: the model, its cache, and the timings so far.
+///
+/// A session can be extended by whole runs of tokens, not only single decode steps: a chat
+/// continues its conversation by feeding the new turn to the cache it already holds, and
+/// [`Session::truncate`] drops cached tokens that a new prompt does not share.
 pub struct Session<'m> {
     model: &'m PhantomModel,
     cache: KvCache,
@@ -69,6 +73,23 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
+    /// An empty session of `batch` rows; [`Session::extend`] runs its prompt.
+    pub fn new(model: &'m PhantomModel, batch: usize) -> Self {
+        Self {
+            model,
+            cache: model.new_cache(batch),
+            timings: Timings::default(),
+        }
+    }
+
+    /// Sizes the cache for `positions` tokens per row in all (prompt and answer), so that it
+    /// never grows during a generation of known length. Only a session that has not run yet
+    /// takes it.
+    pub fn reserve(mut self, positions: usize) -> Self {
+        self.cache.reserve(positions);
+        self
+    }
+
     /// Runs the prompt (`input`, with optional pixel tiles) through the model and returns the
     /// next-token logits of every row, `[B, V]`.
     pub fn prefill(
@@ -85,16 +106,8 @@ impl<'m> Session<'m> {
         input: &ModelInput,
         pixel_values: Option<Tensor<4>>,
     ) -> Result<(Self, Tensor<2>)> {
-        let start = Instant::now();
-        let tiles = pixel_values.as_ref().map_or(0, |p| p.dims()[0]);
-        let vision = pixel_values.map(|p| model.encode_images(p)).transpose()?;
-        if let Some(v) = &vision {
-            settle(v).await;
-        }
-        let vision_time = start.elapsed();
-        let (mut session, logits) = Self::prefill_vision_tokens_async(model, input, vision).await?;
-        session.timings.vision = vision_time;
-        session.timings.tiles = tiles;
+        let mut session = Self::new(model, input.dims().0);
+        let logits = session.extend_async(input, pixel_values).await?;
         Ok((session, logits))
     }
 
@@ -104,46 +117,81 @@ impl<'m> Session<'m> {
         input: &ModelInput,
         vision: Option<Tensor<3>>,
     ) -> Result<(Self, Tensor<2>)> {
-        block_on(Self::prefill_vision_tokens_async(model, input, vision))
+        let mut session = Self::new(model, input.dims().0);
+        let logits = block_on(session.extend_vision_tokens_async(input, vision))?;
+        Ok((session, logits))
     }
 
-    /// [`Session::prefill_vision_tokens`] for callers that must not block (browsers).
-    pub async fn prefill_vision_tokens_async(
-        model: &'m PhantomModel,
+    /// Feeds `input` (every row the same number of new tokens, padding only on the left of a
+    /// first prompt) and returns the next-token logits `[B, V]`. On an empty session this is
+    /// the prefill; later it continues every row from its cache.
+    pub fn extend(
+        &mut self,
+        input: &ModelInput,
+        pixel_values: Option<Tensor<4>>,
+    ) -> Result<Tensor<2>> {
+        block_on(self.extend_async(input, pixel_values))
+    }
+
+    /// [`Session::extend`] for callers that must not block (browsers).
+    pub async fn extend_async(
+        &mut self,
+        input: &ModelInput,
+        pixel_values: Option<Tensor<4>>,
+    ) -> Result<Tensor<2>> {
+        let start = Instant::now();
+        let tiles = pixel_values.as_ref().map_or(0, |p| p.dims()[0]);
+        let vision = pixel_values
+            .map(|p| self.model.encode_images(p))
+            .transpose()?;
+        if let Some(v) = &vision {
+            settle(v).await;
+        }
+        self.timings.vision += start.elapsed();
+        self.timings.tiles += tiles;
+        self.extend_vision_tokens_async(input, vision).await
+    }
+
+    /// [`Session::extend`] with the vision tokens (`[N, 256, D]`) already computed.
+    pub async fn extend_vision_tokens_async(
+        &mut self,
         input: &ModelInput,
         vision: Option<Tensor<3>>,
-    ) -> Result<(Self, Tensor<2>)> {
+    ) -> Result<Tensor<2>> {
         let (b, t) = input.dims();
-        let limit = model.config.llm.max_context();
-        if t > limit {
+        if b != self.cache.batch_size() {
             return Err(PhantomError::Input(format!(
-                "the prompt has {t} tokens, more than the model's context of {limit}"
+                "{b} rows fed to a session of {} rows",
+                self.cache.batch_size()
             )));
         }
-        let mut timings = Timings {
-            prompt_tokens: input
-                .attention_mask
-                .iter()
-                .flatten()
-                .filter(|&&m| m)
-                .count(),
-            ..Timings::default()
-        };
+        let limit = self.model.config.llm.max_context();
+        if self.cache.len() + t > limit {
+            return Err(PhantomError::Input(format!(
+                "{} cached plus {t} new tokens exceed the model's context of {limit}",
+                self.cache.len()
+            )));
+        }
+        if !self.cache.is_empty() && input.attention_mask.iter().flatten().any(|&m| !m) {
+            return Err(PhantomError::Input(
+                "only a session's first prompt may be padded".into(),
+            ));
+        }
         let start = Instant::now();
-        let embeds = model.embed(input, vision)?;
-        let mut cache = model.new_cache(b);
-        let hidden = model.forward_embeds(embeds, &input.attention_mask, &mut cache, None)?;
-        let logits = last_logits(model, hidden);
+        let embeds = self.model.embed(input, vision)?;
+        let hidden =
+            self.model
+                .forward_embeds(embeds, &input.attention_mask, &mut self.cache, None)?;
+        let logits = last_logits(self.model, hidden);
         settle(&logits).await;
-        timings.prefill = start.elapsed();
-        Ok((
-            Self {
-                model,
-                cache,
-                timings,
-            },
-            logits,
-        ))
+        self.timings.prefill += start.elapsed();
+        self.timings.prompt_tokens += input
+            .attention_mask
+            .iter()
+            .flatten()
+            .filter(|&&m| m)
+            .count();
+        Ok(logits)
     }
 
     /// Feeds one token per row and returns the next-token logits `[B, V]`.
@@ -171,6 +219,13 @@ impl<'m> Session<'m> {
         self.cache.select_rows(rows);
     }
 
+    /// Forgets every cached token from position `len` on (padding included), keeping the
+    /// phantom vectors: the session continues as if only the first `len` positions had been
+    /// fed. At least one real token must remain in every row.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len)
+    }
+
     /// Tokens cached per row so far.
     pub fn len(&self) -> usize {
         self.cache.len()
@@ -179,6 +234,11 @@ impl<'m> Session<'m> {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.cache.is_empty()
+    }
+
+    /// Starts the timings afresh (a new answer in a continuing conversation).
+    pub fn reset_timings(&mut self) {
+        self.timings = Timings::default();
     }
 
     /// The model.

@@ -43,4 +43,48 @@ fn main() {
         .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
         .collect();
     run("f16", &h, k, n);
+    gemm_speed();
+}
+
+#[allow(dead_code)]
+fn gemm_speed() {
+    use phantom_model::kernels::dot::matmul_widened;
+    let (m, k, n) = (1024, 896, 4864);
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 1e-3).cos()).collect();
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let flops = 2.0 * (m * n * k) as f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::hint::black_box(matmul_widened(&x, m, k, &wb, n));
+        let t = start.elapsed().as_secs_f64();
+        println!("widened bf16: {:.1} GFLOP/s", flops / t / 1e9);
+        let mut y = vec![0.0f32; m * n];
+        let start = Instant::now();
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(2),
+            );
+        }
+        let t = start.elapsed().as_secs_f64();
+        println!("gemm f32 (rayon 2): {:.1} GFLOP/s", flops / t / 1e9);
+    }
 }

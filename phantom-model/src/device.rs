@@ -184,6 +184,21 @@ pub fn device_with_precision(name: Option<&str>, precision: Precision) -> Result
     Ok(device)
 }
 
+/// Whether tensors on `device` live in host memory (Burn's CPU backends flex and ndarray),
+/// where reading a whole tensor back is a copy in memory rather than a transfer.
+pub fn is_cpu(device: &Device) -> bool {
+    #[allow(unused_imports)]
+    use burn_dispatch::DispatchDevice;
+    match device.as_dispatch() {
+        #[cfg(feature = "cpu-kernels")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
 /// The backends compiled into this build, best first.
 pub fn compiled_backends() -> Vec<DeviceSpec> {
     let mut out = Vec::new();

@@ -187,3 +187,29 @@ fn one_beam_is_greedy_and_three_beams_score_at_least_as_well() {
         );
     }
 }
+
+#[test]
+fn top_p_reaches_into_a_long_tail() {
+    // A flat tail of 2,000 tokens after one favourite: p = 0.9 needs most of the tail, far more
+    // candidates than the first partial selection holds, and none outside the top tokens.
+    let mut scores = vec![0.0f32; 2001];
+    scores[0] = 5.0;
+    let mut rng = StdRng::seed_from_u64(11);
+    let config = sampling(1.0, 0, 0.9, 1.0);
+    let draws: Vec<u32> = (0..3000)
+        .map(|_| sample_row(scores.clone(), &[], &config, &mut rng))
+        .collect();
+    let favourite = draws.iter().filter(|&&t| t == 0).count() as f64 / 3000.0;
+    // Softmax mass of the favourite: e^5 / (e^5 + 2000) ≈ 0.069; within the nucleus it stays
+    // about that share.
+    assert!(
+        (0.04..0.10).contains(&favourite),
+        "favourite drawn {favourite}"
+    );
+    let distinct: std::collections::HashSet<u32> = draws.iter().copied().collect();
+    assert!(
+        distinct.len() > 1000,
+        "only {} distinct tokens",
+        distinct.len()
+    );
+}

@@ -439,3 +439,70 @@ fn device_names_are_checked() {
         .to_string();
     assert!(e.contains("`cuda:x`: expected an index like `:0`"), "{e}");
 }
+
+#[test]
+fn a_growing_cache_still_equals_full_recompute() {
+    // Past the headroom of a fresh cache: its buffers double mid-generation.
+    let device = device();
+    let fx = Fixture::open("tiny_tied");
+    let model = fx.model(&device);
+    let input = fx.input("text");
+    let (mut session, _) = Session::prefill(&model, &input, None).unwrap();
+    let mut rows = input.clone();
+    let mut logits = None;
+    for step in 0..300u32 {
+        let next = vec![20 + step % 400, 30 + (step * 7) % 400];
+        for (row, &t) in next.iter().enumerate() {
+            rows.input_ids[row].push(t);
+            rows.attention_mask[row].push(true);
+        }
+        logits = Some(session.step(&next).unwrap());
+    }
+    let full = model.forward(&rows, None).unwrap();
+    let [b, t, v] = full.dims();
+    let last = full.narrow(1, t - 1, 1).reshape([b, v]);
+    let diff = max_abs_diff(&values(logits.unwrap()), &values(last), None);
+    assert!(diff < 1e-4, "after growing, cached steps differ by {diff}");
+}
+
+#[test]
+fn an_extended_or_truncated_session_equals_a_fresh_prefill() {
+    let device = device();
+    let fx = Fixture::open("tiny_untied");
+    let model = fx.model(&device);
+    let row: Vec<u32> = fx.input("text").input_ids[1].clone();
+    let (a, b) = row.split_at(20);
+    let fresh = |ids: Vec<u32>| {
+        let (_, logits) = Session::prefill(&model, &ModelInput::unpadded(vec![ids]), None).unwrap();
+        values(logits)
+    };
+    let want = fresh(row.clone());
+
+    // The prompt in two runs.
+    let (mut session, _) =
+        Session::prefill(&model, &ModelInput::unpadded(vec![a.to_vec()]), None).unwrap();
+    let got = session
+        .extend(&ModelInput::unpadded(vec![b.to_vec()]), None)
+        .unwrap();
+    assert!(max_abs_diff(&values(got), &want, None) < 1e-4);
+
+    // A detour, cut off again, then the real continuation.
+    session.truncate(20).unwrap();
+    session
+        .extend(&ModelInput::unpadded(vec![vec![77, 78, 79]]), None)
+        .unwrap();
+    session.truncate(20).unwrap();
+    assert_eq!(session.len(), 20);
+    let got = session
+        .extend(&ModelInput::unpadded(vec![b.to_vec()]), None)
+        .unwrap();
+    assert!(max_abs_diff(&values(got), &want, None) < 1e-4);
+
+    // Nothing real would be left: refused.
+    assert!(session.truncate(0).is_err());
+    // Padding after the first prompt: refused.
+    let padded = ModelInput::left_padded(vec![vec![5, 6]], 0);
+    let mut padded = padded;
+    padded.attention_mask[0][0] = false;
+    assert!(session.extend(&padded, None).is_err());
+}

@@ -36,8 +36,85 @@ pub struct AttentionTrace {
 /// One call's view of the cache: which keys each query may see.
 #[derive(Clone, Debug)]
 pub struct AttentionMask {
-    /// `[B, 1, 1, T, S]`, true where the key is hidden (future or padding).
-    pub hidden: Tensor<5, Bool>,
+    /// `[B, 1, 1, T, S]`, true where the key is hidden (future or padding); `None` when every
+    /// query sees every key (a decode step without padding).
+    pub hidden: Option<Tensor<5, Bool>>,
+}
+
+/// `softmax(q · kᵀ · scale + mask) · v` of the queries `[B, H_kv, R, 2d]` (R = g·t: the g
+/// query heads of each KV head over the t new tokens) over the cache. On flex: the CPU kernel
+/// for a few queries, Burn's fused attention for a prompt; elsewhere Burn's batched products.
+fn attend(q: Tensor<4>, cache: &LayerCache, mask: &AttentionMask, scale: f64) -> Tensor<4> {
+    #[cfg(feature = "cpu-kernels")]
+    if crate::kernels::is_flex(&q.device()) {
+        let (k, v) = cache.buffers();
+        let hidden = mask.hidden.as_ref();
+        if let Some(o) = crate::kernels::attend::attend(&q, k, v, cache.len(), hidden, scale as f32)
+        {
+            return o;
+        }
+        return fused_attention(q, cache, mask, scale);
+    }
+    let [b, hkv, rows, _] = q.dims();
+    let s = cache.len();
+    let scores = q.matmul(cache.keys().swap_dims(2, 3)).mul_scalar(scale);
+    let scores = match &mask.hidden {
+        Some(hidden) => {
+            let t = hidden.dims()[3];
+            scores
+                .reshape([b, hkv, rows / t, t, s])
+                .mask_fill(hidden.clone(), f32::MIN)
+                .reshape([b, hkv, rows, s])
+        }
+        None => scores,
+    };
+    softmax(scores, 3).matmul(cache.values())
+}
+
+/// [`attend`] through Burn's fused attention (flex runs it tiled over the keys, with grouped
+/// KV heads, without materialising every score).
+#[cfg(feature = "cpu-kernels")]
+fn fused_attention(
+    q: Tensor<4>,
+    cache: &LayerCache,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Tensor<4> {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let [b, hkv, rows, w] = q.dims();
+    let s = cache.len();
+    let (t, mask) = match &mask.hidden {
+        Some(hidden) => {
+            let t = hidden.dims()[3];
+            (t, Some(hidden.clone().reshape([b, 1, t, s])))
+        }
+        // Without a mask this is a decode step: one new token.
+        None => (1, None),
+    };
+    let g = rows / t;
+    // [B, H_kv, g·t, w] → [B, H, t, w], query head h = kv·g + i, as the caller built it.
+    let q = q.reshape([b, hkv * g, t, w]);
+    let options = AttentionModuleOptions {
+        scale: Some(scale),
+        softcap: None,
+        is_causal: false,
+    };
+    attention(q, cache.keys(), cache.values(), mask, None, options).reshape([b, hkv, rows, w])
+}
+
+/// What every layer of one forward call shares: positions, visibility, phantom tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct StepContext<'a> {
+    /// RoPE tables of the new tokens.
+    pub rope: &'a RopeTables,
+    /// Which keys each new token sees.
+    pub mask: &'a AttentionMask,
+    /// Each row's phantom token among the new tokens; read when the cache holds no phantom
+    /// vectors yet (the prefill).
+    pub phantom_positions: &'a [usize],
+    /// Positions a new cache is sized for.
+    pub reserve: usize,
 }
 
 /// Phantom self-attention.
@@ -141,32 +218,22 @@ impl Attention {
 
     /// Attends the `T` new tokens `x` (`[B, T, D]`) over the cache plus themselves, and
     /// appends their keys and values to `cache`.
-    ///
-    /// `phantom_positions` gives each row's phantom token within `x`; it is required when the
-    /// cache holds no phantom vectors yet (the prefill) and ignored afterwards.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RopeTables,
-        mask: &AttentionMask,
+        step: &StepContext<'_>,
         cache: &mut Option<LayerCache>,
-        phantom_positions: Option<&[usize]>,
         trace: Option<&mut AttentionTrace>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = self.project(x);
-        let q = apply_rope(q, rope);
-        let k = apply_rope(k, rope);
+        let q = apply_rope(q, step.rope);
+        let k = apply_rope(k, step.rope);
 
         let phantom = match cache {
             Some(layer) => layer.phantom.clone(),
-            None => {
-                let positions = phantom_positions
-                    .expect("the first forward of a sequence must name its phantom positions");
-                PhantomVectors::take(&q, &k, &v, positions)
-            }
+            None => PhantomVectors::take(&q, &k, &v, step.phantom_positions),
         };
 
         // Widen to 2d. Keys and values are widened on their own H_kv heads: XAttention is a
@@ -179,15 +246,10 @@ impl Attention {
         // token itself and the sequence's fixed phantom vectors, so they never change.
         let k_new = k_wide.clone().swap_dims(1, 2);
         let v_new = v_wide.clone().swap_dims(1, 2);
-        let (k_all, v_all) = match cache.take() {
-            Some(layer) => (
-                Tensor::cat(vec![layer.k, k_new], 2),
-                Tensor::cat(vec![layer.v, v_new], 2),
-            ),
-            None => (k_new, v_new),
+        let layer = match cache.take() {
+            Some(layer) => layer.append(k_new, v_new),
+            None => LayerCache::new(k_new, v_new, phantom.clone(), step.reserve),
         };
-        let s = k_all.dims()[2];
-
         // GQA without copying keys: the g query heads of a KV head share its key matrix.
         let g = h / hkv;
         let q_heads = q_wide
@@ -195,14 +257,8 @@ impl Attention {
             .swap_dims(1, 2)
             .reshape([b, hkv, g * t, 2 * d]);
         // The scale uses the original head width d, as the released code does.
-        let scores = q_heads
-            .matmul(k_all.clone().swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt())
-            .reshape([b, hkv, g, t, s])
-            .mask_fill(mask.hidden.clone(), f32::MIN);
-        let weights = softmax(scores, 4).reshape([b, hkv, g * t, s]);
-        let o = weights
-            .matmul(v_all.clone())
+        let scale = 1.0 / (d as f64).sqrt();
+        let o = attend(q_heads, &layer, step.mask, scale)
             .reshape([b, h, t, 2 * d])
             .swap_dims(1, 2);
 
@@ -222,11 +278,7 @@ impl Attention {
             trace.out = Some(out.clone());
         }
 
-        *cache = Some(LayerCache {
-            k: k_all,
-            v: v_all,
-            phantom,
-        });
+        *cache = Some(layer);
         out
     }
 }

@@ -14,7 +14,7 @@ use burn::prelude::*;
 
 use crate::cache::KvCache;
 use crate::config::LlmConfig;
-use attention::{Attention, AttentionMask, AttentionTrace};
+use attention::{Attention, AttentionMask, AttentionTrace, StepContext};
 use mlp::Mlp;
 use rope::Rope;
 
@@ -142,22 +142,30 @@ impl CausalLm {
         // Query i (absolute index past+i) sees key j iff j ≤ past+i and key j is real. A pad
         // query also sees itself: a row of scores with every key hidden is a softmax of NaN in
         // half precision (the fill value is -inf there), and the NaN would reach the real
-        // tokens through the pad's value vector in the next layer.
-        let mut hidden = Vec::with_capacity(b * t * s);
-        for keys in &cache.key_mask {
-            for i in 0..t {
-                let query = past + i;
-                hidden.extend(
-                    keys.iter()
-                        .enumerate()
-                        .map(|(j, &real)| j != query && (!real || j > query)),
-                );
+        // tokens through the pad's value vector in the next layer. A decode step without
+        // padding sees every key: then there is no mask to build or apply.
+        let hidden = (t > 1 || cache.has_padding()).then(|| {
+            let mut hidden = Vec::with_capacity(b * t * s);
+            for keys in &cache.key_mask {
+                for i in 0..t {
+                    let query = past + i;
+                    hidden.extend(
+                        keys.iter()
+                            .enumerate()
+                            .map(|(j, &real)| j != query && (!real || j > query)),
+                    );
+                }
             }
-        }
-        let mask = AttentionMask {
-            hidden: Tensor::<5, Bool>::from_data(TensorData::new(hidden, [b, 1, 1, t, s]), &device),
-        };
+            Tensor::<5, Bool>::from_data(TensorData::new(hidden, [b, 1, 1, t, s]), &device)
+        });
+        let mask = AttentionMask { hidden };
         let tables = rope.tables(&positions, s, &device);
+        let step = StepContext {
+            rope: &tables,
+            mask: &mask,
+            phantom_positions: &phantom_positions,
+            reserve: cache.reserve,
+        };
 
         if let Some(trace) = trace.as_deref_mut() {
             trace.clear();
@@ -170,10 +178,8 @@ impl CausalLm {
             });
             let attended = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
-                &tables,
-                &mask,
+                &step,
                 &mut cache.layers[index],
-                Some(&phantom_positions),
                 layer_trace,
             );
             x = x + attended;

@@ -222,7 +222,12 @@ pub fn matvec<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Ve
         let count = out.len() / m;
         block(x, m, k, &w[j0 * k..(j0 + count) * k], out);
     });
-    if m == 1 {
+    row_major(yt, m, n)
+}
+
+/// `[n, m]` outputs as `[m, n]`.
+fn row_major(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m <= 1 {
         return yt;
     }
     let mut y = vec![0.0f32; m * n];
@@ -234,7 +239,78 @@ pub fn matvec<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Ve
     y
 }
 
-/// Weight rows widened at a time for [`matmul_widened`]: a block that stays in the caches.
+/// `out[r] += Σ_s p[r·len + s] · v[s]` for `rows` rows of weights `p` over the `len` rows of
+/// width `w` in `v` (attention's probabilities times its values): each value row is read and
+/// widened once and added into every output row.
+#[inline(always)]
+fn weighted_rows_body<W: Weight, const FMA: bool>(
+    p: &[f32],
+    rows: usize,
+    v: &[W],
+    w: usize,
+    out: &mut [f32],
+) {
+    let len = v.len() / w.max(1);
+    let mut widened = vec![0.0f32; w];
+    for s in 0..len {
+        W::widen(&v[s * w..(s + 1) * w], &mut widened);
+        for r in 0..rows {
+            let weight = p[r * len + s];
+            for (o, &x) in out[r * w..(r + 1) * w].iter_mut().zip(&widened) {
+                *o = madd::<FMA>(weight, x, *o);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn weighted_rows_avx512<W: Weight>(
+    p: &[f32],
+    rows: usize,
+    v: &[W],
+    w: usize,
+    out: &mut [f32],
+) {
+    weighted_rows_body::<W, true>(p, rows, v, w, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_rows_avx2<W: Weight>(
+    p: &[f32],
+    rows: usize,
+    v: &[W],
+    w: usize,
+    out: &mut [f32],
+) {
+    weighted_rows_body::<W, true>(p, rows, v, w, out);
+}
+
+/// `out [rows, w] += p [rows, len] · v [len, w]`, on the best instruction set; one thread.
+pub fn weighted_rows<W: Weight>(p: &[f32], rows: usize, v: &[W], w: usize, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), rows * w);
+    match isa() {
+        // SAFETY: `isa()` chose these only after detecting every feature they enable.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { weighted_rows_avx512(p, rows, v, w, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { weighted_rows_avx2(p, rows, v, w, out) },
+        Isa::Portable => weighted_rows_body::<W, false>(p, rows, v, w, out),
+    }
+}
+
+/// `y = x · wᵀ` like [`matvec`], on the calling thread only (for callers that already split
+/// their work over the cores).
+pub fn matvec_serial<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+    let mut yt = vec![0.0f32; n * m];
+    if m > 0 && n > 0 && k > 0 {
+        block(x, m, k, w, &mut yt);
+    }
+    row_major(yt, m, n)
+}
+
+/// Fewest weight rows [`matmul_widened`] widens at a time.
 const GEMM_ROWS: usize = 64;
 
 /// A raw output pointer shared by tasks that write disjoint columns.
@@ -247,7 +323,9 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 /// `y = x · wᵀ` for many rows (`x` `[m, k]` f32, `w` `[n, k]` f16 or bf16): the weight is
-/// widened [`GEMM_ROWS`] rows at a time into a GEMM in f32, never as a whole.
+/// widened a block of rows at a time into a GEMM in f32, never as a whole. There are two
+/// blocks per core: each GEMM packs the activations again, so fewer, larger blocks pay that
+/// less often.
 pub fn matmul_widened<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
@@ -256,11 +334,12 @@ pub fn matmul_widened<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usiz
         return y;
     }
     let out = Out(y.as_mut_ptr());
-    let blocks = n.div_ceil(GEMM_ROWS);
+    let rows = n.div_ceil(2 * super::threads()).max(GEMM_ROWS);
+    let blocks = n.div_ceil(rows);
     super::for_each_index(blocks, |b| {
         let out = out;
-        let j0 = b * GEMM_ROWS;
-        let count = GEMM_ROWS.min(n - j0);
+        let j0 = b * rows;
+        let count = rows.min(n - j0);
         let mut widened = vec![0.0f32; count * k];
         W::widen(&w[j0 * k..(j0 + count) * k], &mut widened);
         // SAFETY: `x` is [m, k] row-major, `widened` is [count, k] row-major read as its

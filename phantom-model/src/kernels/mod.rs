@@ -12,6 +12,7 @@
 //! products must be recorded) and answers `None` for anything else, so callers fall back to
 //! Burn's matmul.
 
+pub mod attend;
 pub mod dot;
 
 use burn::prelude::*;
