@@ -33,7 +33,7 @@ impl LayerCache {
         let [b, h, t, w] = k.dims();
         let capacity = reserve.max(t + HEADROOM);
         let buffer = |like: &Tensor<4>| {
-            Tensor::<4>::zeros([b, h, capacity, w], &like.device()).cast(like.dtype())
+            Tensor::<4>::zeros([b, h, capacity, w], (&like.device(), like.dtype()))
         };
         Self {
             k: buffer(&k),
@@ -106,7 +106,7 @@ impl LayerCache {
         let [b, h, _, w] = self.k.dims();
         let len = self.len;
         let resize = |old: Tensor<4>| {
-            let fresh = Tensor::<4>::zeros([b, h, capacity, w], &old.device()).cast(old.dtype());
+            let fresh = Tensor::<4>::zeros([b, h, capacity, w], (&old.device(), old.dtype()));
             fresh.slice_assign([0..b, 0..h, 0..len, 0..w], old.narrow(2, 0, len))
         };
         Self {

@@ -153,10 +153,57 @@ impl fmt::Display for Precision {
     }
 }
 
-/// Makes `precision` the float dtype of every tensor later created on `device` (parameters,
-/// activations, caches). It must come before the first tensor on the device; a backend that
-/// cannot compute in it is a clear error.
+/// Whether half precision on `device` means half-precision weights with f32 arithmetic: on
+/// flex the CPU kernels read f16 and bf16 weights as they are and accumulate in f32, which is
+/// as fast as computing in half precision throughout and more precise.
+pub fn mixed_precision(device: &Device) -> bool {
+    #[cfg(feature = "cpu-kernels")]
+    {
+        crate::kernels::is_flex(device)
+    }
+    #[cfg(not(feature = "cpu-kernels"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// The precision a checkpoint stored as `stored` runs in on `device` when the user does not
+/// choose: its own, where the backend computes in it fast and right (bf16 and f16 on flex and
+/// libtorch, f16 on wgpu adapters with `shader-f16`), f32 otherwise.
+pub fn auto_precision(device: &Device, stored: Option<DType>) -> Precision {
+    let wanted = match stored {
+        Some(DType::BF16) => Precision::Bf16,
+        Some(DType::F16) => Precision::F16,
+        _ => return Precision::F32,
+    };
+    if mixed_precision(device) || device.supports_dtype(wanted.dtype()) && !is_cpu(device) {
+        wanted
+    } else {
+        Precision::F32
+    }
+}
+
+/// The dtypes a model loaded onto `device` (set up by [`set_precision`]) uses for `precision`.
+pub fn load_options(device: &Device, precision: Precision) -> crate::LoadOptions {
+    if mixed_precision(device) && precision != Precision::F32 {
+        crate::LoadOptions {
+            dtype: DType::F32,
+            weights: Some(precision.dtype()),
+        }
+    } else {
+        crate::LoadOptions::uniform(precision.dtype())
+    }
+}
+
+/// Prepares `device` for a model in `precision`: the float dtype of every tensor later created
+/// on it (parameters, activations, caches), except on flex, where half precision keeps f32
+/// arithmetic (see [`mixed_precision`]). It must come before the first tensor on the device; a
+/// backend that cannot compute in it is a clear error.
 pub fn set_precision(device: &mut Device, precision: Precision) -> Result<()> {
+    if mixed_precision(device) {
+        return Ok(());
+    }
     let want = precision.dtype();
     if DType::from(device.settings().float_dtype) == want {
         return Ok(());

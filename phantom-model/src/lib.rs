@@ -25,4 +25,7 @@ pub use cache::KvCache;
 pub use config::PhantomConfig;
 pub use error::{PhantomError, Result};
 pub use model::{ModelInput, PhantomModel};
-pub use weights::{LoadOptions, WeightLoader, load_model, save_model, split_into_shards};
+pub use weights::{
+    LoadOptions, WeightLoader, cast_parameters, load_model, load_model_with_progress, save_model,
+    save_model_as, split_into_shards,
+};

@@ -61,25 +61,10 @@ pub fn prepare(model: &mut PhantomModel) {
     let lm = &mut model.language_model;
     for layer in &mut lm.model.layers {
         let attn = &mut layer.self_attn;
-        for l in [
-            &mut attn.q_proj,
-            &mut attn.k_proj,
-            &mut attn.v_proj,
-            &mut attn.qkv_proj,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            relayout(l);
-        }
+        attn.qkv.linears_mut().into_iter().for_each(relayout);
         relayout(&mut attn.o_proj);
         let mlp = &mut layer.mlp;
-        for l in [&mut mlp.gate_proj, &mut mlp.up_proj, &mut mlp.gate_up_proj]
-            .into_iter()
-            .flatten()
-        {
-            relayout(l);
-        }
+        mlp.gate_up.linears_mut().into_iter().for_each(relayout);
         relayout(&mut mlp.down_proj);
     }
     if let Some(head) = &mut lm.lm_head {

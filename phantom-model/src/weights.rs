@@ -1,22 +1,28 @@
 //! The official safetensors layout ⇄ Burn modules.
 //!
-//! Loading reads `model.safetensors` or the shards listed in `model.safetensors.index.json`
-//! (bf16, f16 or f32 on disk), renames the official keys to the module tree, transposes the
-//! linear weights (PyTorch stores `[out, in]`) and refuses any mismatch: every missing,
-//! unexpected or mis-shaped tensor is named in one error. Saving writes the same layout back.
+//! Loading walks the model's parameters, names each one as the official checkpoints do (the
+//! backbone files hold the renames) and builds it straight from the checkpoint's bytes, which
+//! are memory-mapped: a tensor that needs neither a dtype conversion nor a transpose is not
+//! copied at all on flex (the model reads the mapped file), and any other is built with a
+//! single copy into its final dtype and layout. Every missing, unexpected or mis-shaped tensor
+//! is named in one error. Saving writes the same layout back.
+//!
+//! Linear weights are `[out, in]` in the checkpoints and `[in, out]` to Burn. On flex they stay
+//! `[out, in]` in memory, the order [`crate::kernels`] read (Burn sees a transposed view);
+//! elsewhere they are transposed once while loading.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::store::{
-    BurnToPyTorchAdapter, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore,
-};
-use burn::tensor::DType;
+use burn::tensor::{AllocationProperty, Bytes, DType};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::config::{Backbone, PhantomConfig};
-use crate::decoder::{internlm2, qwen2};
+use crate::decoder::{internlm2, phi3, qwen2};
 use crate::error::{PhantomError, Result};
 use crate::model::PhantomModel;
 
@@ -27,32 +33,32 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Name of the configuration file.
 pub const CONFIG_FILE: &str = "config.json";
 
-/// Renames shared by every backbone: the projector's `nn.Sequential` indices.
-const PROJECTOR_LOAD: &[(&str, &str)] = &[
-    (r"^vision_proj\.0\.", "vision_proj.norm."),
-    (r"^vision_proj\.1\.", "vision_proj.fc1."),
-    (r"^vision_proj\.3\.", "vision_proj.fc2."),
-];
-const PROJECTOR_SAVE: &[(&str, &str)] = &[
-    (r"^vision_proj\.norm\.", "vision_proj.0."),
-    (r"^vision_proj\.fc1\.", "vision_proj.1."),
-    (r"^vision_proj\.fc2\.", "vision_proj.3."),
+/// `(module path, official path)` renames every backbone shares: the projector's
+/// `nn.Sequential` indices. Paths are matched with a dot on each side.
+const PROJECTOR_NAMES: &[(&str, &str)] = &[
+    (".vision_proj.norm.", ".vision_proj.0."),
+    (".vision_proj.fc1.", ".vision_proj.1."),
+    (".vision_proj.fc2.", ".vision_proj.3."),
 ];
 
-/// The key of a tied head, which checkpoints may or may not repeat.
+/// The keys a tied head may repeat in a checkpoint.
 const TIED_HEAD_KEYS: &[&str] = &[
     "language_model.lm_head.weight",
     "language_model.output.weight",
 ];
 
-fn renames(backbone: Backbone, save: bool) -> Vec<(&'static str, &'static str)> {
-    let (projector, decoder) = match (backbone, save) {
-        (Backbone::InternLm2, false) => (PROJECTOR_LOAD, internlm2::LOAD_RENAMES),
-        (Backbone::InternLm2, true) => (PROJECTOR_SAVE, internlm2::SAVE_RENAMES),
-        (_, false) => (PROJECTOR_LOAD, qwen2::LOAD_RENAMES),
-        (_, true) => (PROJECTOR_SAVE, qwen2::SAVE_RENAMES),
+/// The official key of the parameter at `path` (module names, enum variants left out).
+fn official_key(backbone: Backbone, path: &str) -> String {
+    let names = match backbone {
+        Backbone::Qwen2 => qwen2::OFFICIAL_NAMES,
+        Backbone::Phi3 => phi3::OFFICIAL_NAMES,
+        Backbone::InternLm2 => internlm2::OFFICIAL_NAMES,
     };
-    projector.iter().chain(decoder).copied().collect()
+    let mut key = format!(".{path}.");
+    for (module, official) in PROJECTOR_NAMES.iter().chain(names) {
+        key = key.replace(module, official);
+    }
+    key.trim_matches('.').to_string()
 }
 
 /// The safetensors files of a checkpoint folder, in order.
@@ -107,16 +113,89 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// How weights are brought onto the device.
+/// The float dtype most of a checkpoint folder's weights are stored in (by bytes), read from
+/// the safetensors headers only; `None` when it holds no float tensor.
+pub fn stored_dtype(dir: &Path) -> Result<Option<DType>> {
+    let mut bytes: HashMap<DType, u64> = HashMap::new();
+    for file in weight_files(dir)? {
+        let mut f = std::fs::File::open(&file).map_err(|e| PhantomError::io(&file, e))?;
+        let header = read_header(&mut f).map_err(|e| match e {
+            HeaderError::Io(e) => PhantomError::io(&file, e),
+            HeaderError::Format(why) => {
+                PhantomError::Weights(format!("{}: not a safetensors file: {why}", file.display()))
+            }
+        })?;
+        for (key, info) in header {
+            if key == "__metadata__" {
+                continue;
+            }
+            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+            let range = info.get("data_offsets").and_then(|o| o.as_array());
+            let size = range
+                .and_then(|r| Some(r.get(1)?.as_u64()? - r.first()?.as_u64()?))
+                .unwrap_or(0);
+            let dtype = match dtype {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                _ => continue,
+            };
+            *bytes.entry(dtype).or_default() += size;
+        }
+    }
+    Ok(bytes.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d))
+}
+
+enum HeaderError {
+    Io(std::io::Error),
+    Format(String),
+}
+
+/// The JSON header of a safetensors file, without reading the tensors.
+fn read_header(
+    f: &mut std::fs::File,
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, HeaderError> {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(HeaderError::Io)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(HeaderError::Format(format!("a header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(HeaderError::Io)?;
+    serde_json::from_slice(&header).map_err(|e| HeaderError::Format(e.to_string()))
+}
+
+/// The precisions parameters are loaded in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Float dtype of the loaded parameters (f32 unless the backend and user ask otherwise).
+    /// Float dtype of the parameters the model computes with directly: norms, biases, the
+    /// phantom modules, the vision tower's embeddings (and, unless `weights` says otherwise,
+    /// everything else).
     pub dtype: DType,
+    /// Float dtype of the large matrices — linear weights and token embeddings — when it
+    /// differs from `dtype`: on flex, half-precision weights that the CPU kernels read as they
+    /// are, with f32 arithmetic around them.
+    pub weights: Option<DType>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32 }
+        Self {
+            dtype: DType::F32,
+            weights: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Every parameter in `dtype`.
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            dtype,
+            weights: None,
+        }
     }
 }
 
@@ -126,13 +205,469 @@ pub fn load_model(
     device: &Device,
     options: LoadOptions,
 ) -> Result<PhantomModel> {
+    load_model_with_progress(dir, device, options, |_, _| {})
+}
+
+/// [`load_model`], calling `progress(done, total)` with the bytes of checkpoint read so far.
+pub fn load_model_with_progress(
+    dir: impl AsRef<Path>,
+    device: &Device,
+    options: LoadOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<PhantomModel> {
     let dir = dir.as_ref();
     let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
+    let files = weight_files(dir)?;
+    let total: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
     let mut loader = WeightLoader::new(config, device, options);
-    for file in weight_files(dir)? {
-        loader.file(&file)?;
+    let mut done = 0;
+    progress(0, total);
+    for file in &files {
+        loader.file_with_progress(file, &mut |bytes| {
+            done += bytes;
+            progress(done, total);
+        })?;
     }
+    progress(total, total);
     loader.finish()
+}
+
+/// Bytes a part of a checkpoint lives in: a memory-mapped file or a buffer.
+type Storage = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A sub-range of a part's storage, which `bytes::Bytes` can own without copying it.
+struct View {
+    storage: Storage,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for View {
+    fn as_ref(&self) -> &[u8] {
+        &(*self.storage).as_ref()[self.start..self.end]
+    }
+}
+
+/// One tensor of a part: where its bytes are, and what they hold.
+#[derive(Clone, Debug)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// A parsed safetensors file or blob.
+struct Part {
+    storage: Storage,
+    entries: HashMap<String, Entry>,
+    /// The file's map, when the storage is one.
+    #[cfg(not(target_family = "wasm"))]
+    map: Option<Arc<memmap2::Mmap>>,
+}
+
+impl Part {
+    /// Tells the OS that a converted tensor's pages will not be read again, so that they leave
+    /// this process's memory instead of sitting next to their converted copy.
+    fn release(&self, entry: &Entry) {
+        #[cfg(all(unix, not(target_family = "wasm")))]
+        if let Some(map) = &self.map {
+            // SAFETY: the map is private and never written, so dropping its pages only means
+            // that a later read (of a neighbouring tensor sharing a page) faults them in again
+            // from the unchanged file.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    entry.start,
+                    entry.end - entry.start,
+                )
+            };
+        }
+        #[cfg(not(all(unix, not(target_family = "wasm"))))]
+        let _ = entry;
+    }
+
+    fn parse(storage: Storage, name: &str) -> Result<Self> {
+        let bytes: &[u8] = (*storage).as_ref();
+        let file = SafeTensors::deserialize(bytes)
+            .map_err(|e| PhantomError::Weights(format!("{name}: not a safetensors file: {e}")))?;
+        let base = bytes.as_ptr() as usize;
+        let entries = file
+            .tensors()
+            .into_iter()
+            .map(|(key, view)| {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = Entry {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + view.data().len(),
+                };
+                (key, entry)
+            })
+            .collect();
+        Ok(Self {
+            storage,
+            entries,
+            #[cfg(not(target_family = "wasm"))]
+            map: None,
+        })
+    }
+
+    fn data(&self, entry: &Entry) -> &[u8] {
+        &(*self.storage).as_ref()[entry.start..entry.end]
+    }
+
+    /// The entry's bytes, owned without a copy.
+    fn shared(&self, entry: &Entry) -> Bytes {
+        let view = View {
+            storage: Arc::clone(&self.storage),
+            start: entry.start,
+            end: entry.end,
+        };
+        Bytes::from_shared(bytes::Bytes::from_owner(view), AllocationProperty::File)
+    }
+}
+
+/// The Burn dtype of a checkpoint dtype that holds floats.
+fn float_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// `src` (`from`, little-endian, row-major with `dims`) converted to `to`, and transposed from
+/// `[r, c]` to `[c, r]` when `transpose` is set: one pass, one copy, on every core.
+fn convert(src: &[u8], from: DType, to: DType, dims: &[usize], transpose: bool) -> Bytes {
+    let (rows, cols) = match (transpose, dims) {
+        (true, [r, c]) => (*r, *c),
+        _ => (1, dims.iter().product()),
+    };
+    let shape = Arrangement {
+        rows,
+        cols,
+        transpose: transpose && dims.len() == 2,
+    };
+    match (from, to) {
+        (DType::F32, DType::F32) => shape.map(&typed::<f32>(src), |x| x),
+        (DType::F32, DType::BF16) => shape.map(&typed::<u32>(src), f32_bits_to_bf16),
+        (DType::F32, DType::F16) => shape.map(&typed::<f32>(src), f16::from_f32),
+        (DType::BF16, DType::F32) => shape.map(&typed::<u16>(src), |x| u32::from(x) << 16),
+        (DType::F16, DType::F32) => shape.map(&typed::<f16>(src), f16::to_f32),
+        (DType::BF16, DType::F16) => shape.map(&typed::<bf16>(src), |x| f16::from_f32(x.to_f32())),
+        (DType::F16, DType::BF16) => shape.map(&typed::<f16>(src), |x| bf16::from_f32(x.to_f32())),
+        // Same half dtype: a transpose only.
+        _ => shape.map(&typed::<u16>(src), |x| x),
+    }
+}
+
+/// f32 bits → bf16 bits, rounding to nearest even (NaNs stay NaN), without branches so that
+/// it vectorises.
+#[inline(always)]
+fn f32_bits_to_bf16(bits: u32) -> u16 {
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let nan = (bits >> 16) | 0x40;
+    (if bits & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
+}
+
+/// `src` as elements of `T`: borrowed when aligned, copied otherwise (safetensors only
+/// promises byte alignment).
+fn typed<T: bytemuck::Pod>(src: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(src) {
+        Ok(values) => std::borrow::Cow::Borrowed(values),
+        Err(_) => std::borrow::Cow::Owned(bytemuck::pod_collect_to_vec(src)),
+    }
+}
+
+/// The shape of a conversion: `rows × cols`, transposed or not.
+#[derive(Clone, Copy)]
+struct Arrangement {
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+}
+
+impl Arrangement {
+    /// `f` over every element, into the destination order, as bytes.
+    fn map<S, T>(self, src: &[S], f: impl Fn(S) -> T + Sync) -> Bytes
+    where
+        S: Copy + Sync,
+        T: bytemuck::Pod + Send + Sync + Default,
+    {
+        let mut dst = vec![T::default(); src.len()];
+        if !self.transpose {
+            for_each_chunk(&mut dst, 1 << 16, |start, chunk| {
+                for (d, &x) in chunk.iter_mut().zip(&src[start..]) {
+                    *d = f(x);
+                }
+            });
+        } else {
+            // Destination row j (a source column) in tiles of source rows, for locality.
+            let (rows, cols) = (self.rows, self.cols);
+            for_each_chunk(&mut dst, rows.max(1), |start, out| {
+                let j = start / rows.max(1);
+                for (i, d) in out.iter_mut().enumerate() {
+                    *d = f(src[i * cols + j]);
+                }
+            });
+        }
+        Bytes::from_elems(dst)
+    }
+}
+
+/// Runs `f(offset, chunk)` over `chunk`-sized pieces of `data`, on every core when threads
+/// are compiled in.
+fn for_each_chunk<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    #[cfg(feature = "threads")]
+    {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * chunk, c));
+    }
+    #[cfg(not(feature = "threads"))]
+    for (i, c) in data.chunks_mut(chunk).enumerate() {
+        f(i * chunk, c);
+    }
+}
+
+/// Whether the CPU kernels read linear weights `[out, in]` on `device`.
+fn out_in_layout(device: &Device) -> bool {
+    #[cfg(feature = "cpu-kernels")]
+    {
+        crate::kernels::is_flex(device)
+    }
+    #[cfg(not(feature = "cpu-kernels"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// Where a parameter sits: the module path walked so far as (name, container type) pairs, as
+/// Burn's module visitors and mappers report it.
+#[derive(Default)]
+struct Walk {
+    stack: Vec<(String, String)>,
+}
+
+impl Walk {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit(&mut self) {
+        self.stack.pop();
+    }
+
+    /// The official key, dtype and role of the parameter being visited.
+    fn locate(&self, backbone: Backbone, options: LoadOptions) -> (String, DType, Role) {
+        let container = self.stack.last().map_or("", |(_, c)| c.as_str());
+        let leaf = self.stack.last().map_or("", |(n, _)| n.as_str());
+        let mut names: Vec<&str> = self
+            .stack
+            .iter()
+            .filter(|(_, c)| !c.starts_with("Enum:"))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        // Burn's norms call PyTorch's `weight` and `bias` `gamma` and `beta`.
+        if matches!(container, "Struct:LayerNorm" | "Struct:RmsNorm")
+            && let Some(last) = names.last_mut()
+        {
+            *last = match *last {
+                "gamma" => "weight",
+                "beta" => "bias",
+                other => other,
+            };
+        }
+        let path = names.join(".");
+        let role = match (container, leaf) {
+            ("Struct:Linear", "weight") => Role::LinearWeight,
+            ("Struct:Embedding", "weight") => Role::Matrix,
+            _ => Role::Other,
+        };
+        // The phantom modules run through Burn's own linear layers: they keep the compute
+        // dtype, as does everything that is not a large matrix.
+        let dtype = match (role, options.weights) {
+            (Role::LinearWeight | Role::Matrix, Some(weights)) if !path.contains(".phantom.") => {
+                weights
+            }
+            _ => options.dtype,
+        };
+        (official_key(backbone, &path), dtype, role)
+    }
+}
+
+/// Gives an existing model's parameters the dtypes of `options` (a randomly initialised model
+/// for benchmarks, say), keeping linear weights in the memory order the device reads.
+pub fn cast_parameters(model: PhantomModel, options: LoadOptions) -> PhantomModel {
+    let device = model.language_model.model.norm.gamma.lazy_device();
+    let mut caster = Caster {
+        backbone: model.config.llm.backbone,
+        options,
+        out_in: out_in_layout(&device),
+        walk: Walk::default(),
+    };
+    model.map(&mut caster)
+}
+
+struct Caster {
+    backbone: Backbone,
+    options: LoadOptions,
+    out_in: bool,
+    walk: Walk,
+}
+
+impl ModuleMapper for Caster {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.walk.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.walk.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (_, dtype, role) = self.walk.locate(self.backbone, self.options);
+        let out_in = self.out_in && role == Role::LinearWeight && D == 2;
+        param.map(|t| {
+            if t.dtype() == dtype {
+                t
+            } else if out_in {
+                t.transpose().cast(dtype).transpose()
+            } else {
+                t.cast(dtype)
+            }
+        })
+    }
+}
+
+/// What a loading pass knows about the model's parameters and the current part.
+struct Filler<'a> {
+    backbone: Backbone,
+    options: LoadOptions,
+    out_in: bool,
+    part: Option<&'a Part>,
+    walk: Walk,
+    /// Every parameter's official key and the shape it must have there.
+    expected: BTreeMap<String, Vec<usize>>,
+    /// Keys of the part that filled a parameter.
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+    device: Device,
+    /// Told the bytes of every tensor loaded.
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl Filler<'_> {
+    fn build<const D: usize>(
+        &mut self,
+        key: &str,
+        dtype: DType,
+        role: Role,
+        want: &[usize],
+    ) -> Option<Tensor<D>> {
+        let part = self.part?;
+        let entry = part.entries.get(key)?;
+        self.used.insert(key.to_string());
+        let Some(from) = float_dtype(entry.dtype) else {
+            self.problems.push(format!(
+                "{key}: dtype {:?} is not a float type (F32, F16 or BF16)",
+                entry.dtype
+            ));
+            return None;
+        };
+        let linear = role == Role::LinearWeight && entry.shape.len() == 2;
+        // The checkpoint's [out, in] is Burn's [in, out] transposed.
+        let burn_shape: Vec<usize> = if linear {
+            vec![entry.shape[1], entry.shape[0]]
+        } else {
+            entry.shape.clone()
+        };
+        if burn_shape != want {
+            self.problems.push(format!(
+                "{key}: the checkpoint has {:?}, the model needs {:?}",
+                entry.shape,
+                if linear {
+                    vec![want[1], want[0]]
+                } else {
+                    want.to_vec()
+                }
+            ));
+            return None;
+        }
+        let element = dtype.size();
+        let data = part.data(entry);
+        // Kept in the checkpoint's order: every tensor but a linear weight off flex.
+        let keep_order = !linear || self.out_in;
+        let bytes = if keep_order && from == dtype && data.as_ptr() as usize % element == 0 {
+            part.shared(entry)
+        } else {
+            let converted = convert(data, from, dtype, &entry.shape, !keep_order);
+            part.release(entry);
+            converted
+        };
+        if linear && self.out_in {
+            let stored = TensorData::from_bytes(bytes, entry.shape.clone(), dtype);
+            Some(Tensor::<D>::from_data(stored, (&self.device, dtype)).transpose())
+        } else {
+            let stored = TensorData::from_bytes(bytes, burn_shape, dtype);
+            Some(Tensor::<D>::from_data(stored, (&self.device, dtype)))
+        }
+    }
+}
+
+/// What a parameter is, for its dtype and layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// A `Linear` weight: `[out, in]` in the checkpoint.
+    LinearWeight,
+    /// Another large matrix (token embeddings).
+    Matrix,
+    /// Anything else.
+    Other,
+}
+
+impl ModuleMapper for Filler<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.walk.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.walk.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (key, dtype, role) = self.walk.locate(self.backbone, self.options);
+        let want: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        let official_shape = if role == Role::LinearWeight && want.len() == 2 {
+            vec![want[1], want[0]]
+        } else {
+            want.clone()
+        };
+        self.expected.insert(key.clone(), official_shape);
+        match self.build::<D>(&key, dtype, role, &want) {
+            Some(tensor) => {
+                if let Some(entry) = self.part.and_then(|p| p.entries.get(&key)) {
+                    (self.progress)((entry.end - entry.start) as u64);
+                }
+                let id = param.id;
+                param.transform_for_load(tensor, id)
+            }
+            None => param,
+        }
+    }
 }
 
 /// Builds a model from a checkpoint read in parts: files, shards, or safetensors blobs holding
@@ -142,9 +677,10 @@ pub fn load_model(
 /// A tensor counts as missing only when no part held it; every mismatch of every part is
 /// reported together by [`WeightLoader::finish`].
 pub struct WeightLoader {
-    model: PhantomModel,
+    model: Option<PhantomModel>,
     options: LoadOptions,
-    missing: Option<BTreeSet<String>>,
+    expected: BTreeMap<String, Vec<usize>>,
+    loaded: BTreeSet<String>,
     unexpected: BTreeSet<String>,
     problems: Vec<String>,
     sources: Vec<String>,
@@ -156,85 +692,159 @@ impl WeightLoader {
     /// initialisation it overwrites.
     pub fn new(config: PhantomConfig, device: &Device, options: LoadOptions) -> Self {
         Self {
-            model: PhantomModel::unprepared(config, device),
+            model: Some(PhantomModel::unprepared(config, device)),
             options,
-            missing: None,
+            expected: BTreeMap::new(),
+            loaded: BTreeSet::new(),
             unexpected: BTreeSet::new(),
             problems: Vec::new(),
             sources: Vec::new(),
         }
     }
 
-    /// Loads the tensors of a safetensors file.
+    /// Loads the tensors of a safetensors file, memory-mapped where the platform allows.
     pub fn file(&mut self, path: &Path) -> Result<()> {
-        self.part(
-            SafetensorsStore::from_file(path),
-            path.display().to_string(),
-        )
+        self.file_with_progress(path, &mut |_| {})
+    }
+
+    /// [`WeightLoader::file`], telling `progress` the bytes of each tensor as it is loaded.
+    pub fn file_with_progress(
+        &mut self,
+        path: &Path,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| PhantomError::io(path, e))?;
+        #[cfg(not(target_family = "wasm"))]
+        {
+            // SAFETY: the map is read-only and private; like every program that maps its
+            // weights, this one assumes the checkpoint is not rewritten while it runs.
+            // One call maps every page: much faster than faulting them in one at a time.
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+                .map_err(|e| PhantomError::io(path, e))?;
+            let map = Arc::new(map);
+            let mut part = Part::parse(map.clone(), &name)?;
+            part.map = Some(map);
+            self.fill(part, name, progress)
+        }
+        #[cfg(target_family = "wasm")]
+        {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            let mut file = file;
+            file.read_to_end(&mut bytes)
+                .map_err(|e| PhantomError::io(path, e))?;
+            let part = Part::parse(Arc::new(bytes), &name)?;
+            self.fill(part, name, progress)
+        }
     }
 
     /// Loads the tensors of a safetensors blob held in memory; `name` identifies it in errors.
     pub fn bytes(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
-        self.part(SafetensorsStore::from_bytes(Some(bytes)), name.to_string())
+        let part = Part::parse(Arc::new(bytes), name)?;
+        self.fill(part, name.to_string(), &mut |_| {})
     }
 
-    fn part(&mut self, store: SafetensorsStore, name: String) -> Result<()> {
-        let mut store = store
-            .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(self.options.dtype)))
-            .skip_enum_variants(true)
-            .validate(false)
-            .allow_partial(true);
-        for (from, to) in renames(self.model.config.llm.backbone, false) {
-            store = store.with_key_remapping(from, to);
+    fn fill(&mut self, part: Part, name: String, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        let Some(model) = self.model.take() else {
+            return Err(PhantomError::Weights("the loader has finished".into()));
+        };
+        let device = model.language_model.model.norm.gamma.lazy_device();
+        let mut filler = Filler {
+            backbone: model.config.llm.backbone,
+            options: self.options,
+            out_in: out_in_layout(&device),
+            part: Some(&part),
+            walk: Walk::default(),
+            expected: BTreeMap::new(),
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+            device,
+            progress,
+        };
+        let model = model.map(&mut filler);
+        self.model = Some(model);
+        for key in part.entries.keys() {
+            if !filler.used.contains(key) {
+                self.unexpected.insert(key.clone());
+            }
         }
-        let result = self
-            .model
-            .load_from(&mut store)
-            .map_err(|e| PhantomError::Weights(format!("{name}: {e}")))?;
-        let here: BTreeSet<String> = result
-            .missing
-            .iter()
-            .map(|(path, _)| path.clone())
-            .collect();
-        self.missing = Some(match self.missing.take() {
-            None => here,
-            Some(before) => before.intersection(&here).cloned().collect(),
-        });
-        self.unexpected.extend(result.unused);
+        self.loaded.extend(filler.used);
+        self.expected = filler.expected;
         self.problems
-            .extend(result.errors.iter().map(|e| e.to_string()));
+            .extend(filler.problems.into_iter().map(|p| format!("{name}: {p}")));
         self.sources.push(name);
         Ok(())
     }
 
     /// The loaded model, once the parts together held every tensor, and nothing else.
     pub fn finish(mut self) -> Result<PhantomModel> {
-        if self.model.config.llm.tie_word_embeddings {
+        let Some(model) = self.model.take() else {
+            return Err(PhantomError::Weights("the loader has finished".into()));
+        };
+        // A key one part lacked may have come from another.
+        self.unexpected
+            .retain(|key| !self.expected.contains_key(key));
+        if model.config.llm.tie_word_embeddings {
             self.unexpected
                 .retain(|key| !TIED_HEAD_KEYS.contains(&key.as_str()));
         }
-        let missing = self.missing.unwrap_or_default();
-        let (problems, unexpected) = (self.problems, self.unexpected);
-        if missing.is_empty() && unexpected.is_empty() && problems.is_empty() {
-            crate::linear::prepare(&mut self.model);
-            return Ok(self.model);
+        let missing: Vec<&String> = self
+            .expected
+            .keys()
+            .filter(|key| !self.loaded.contains(*key))
+            .collect();
+        if missing.is_empty() && self.unexpected.is_empty() && self.problems.is_empty() {
+            return Ok(model);
         }
         let mut report = String::new();
-        for p in &problems {
+        for p in &self.problems {
             report.push_str(&format!("  mis-shaped: {p}\n"));
         }
         for m in &missing {
             report.push_str(&format!("  missing: {m}\n"));
         }
-        for u in &unexpected {
+        for u in &self.unexpected {
             report.push_str(&format!("  unexpected: {u}\n"));
         }
         Err(PhantomError::Weights(format!(
             "{} problem(s) loading {}:\n{}",
-            problems.len() + missing.len() + unexpected.len(),
-            self.sources.join(", "),
+            self.problems.len() + missing.len() + self.unexpected.len(),
+            if self.sources.is_empty() {
+                "nothing".to_string()
+            } else {
+                self.sources.join(", ")
+            },
             report.trim_end()
         )))
+    }
+}
+
+/// Collects every parameter under its official key, as the checkpoints store it.
+struct Collector {
+    backbone: Backbone,
+    dtype: DType,
+    walk: Walk,
+    tensors: Vec<(String, TensorData)>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.walk.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.walk.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
+        let mut value = param.val();
+        if role == Role::LinearWeight && D == 2 {
+            value = value.transpose();
+        }
+        self.tensors
+            .push((key, value.into_data().convert_dtype(self.dtype)));
     }
 }
 
@@ -242,6 +852,22 @@ impl WeightLoader {
 /// single `model.safetensors` (f32), each written to a temporary file first and renamed, so
 /// an interrupted save never leaves a half-written checkpoint.
 pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
+    save_model_as(model, dir, DType::F32)
+}
+
+/// [`save_model`] with the tensors stored as `dtype` (f32, f16 or bf16; the released
+/// checkpoints are bf16).
+pub fn save_model_as(model: &PhantomModel, dir: impl AsRef<Path>, dtype: DType) -> Result<()> {
+    let file_dtype = match dtype {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        other => {
+            return Err(PhantomError::Weights(format!(
+                "cannot store a checkpoint as {other:?}; use f32, f16 or bf16"
+            )));
+        }
+    };
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(|e| PhantomError::io(dir, e))?;
     let config = dir.join(CONFIG_FILE);
@@ -250,21 +876,34 @@ pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
         .map_err(|e| PhantomError::Config(format!("serialising config: {e}")))?;
     std::fs::write(&config_tmp, text).map_err(|e| PhantomError::io(&config_tmp, e))?;
 
+    let mut collector = Collector {
+        backbone: model.config.llm.backbone,
+        dtype,
+        walk: Walk::default(),
+        tensors: Vec::new(),
+    };
+    model.visit(&mut collector);
     let weights = dir.join(WEIGHTS_FILE);
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
-    let mut store = SafetensorsStore::from_file(&tmp)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .skip_enum_variants(true)
-        .overwrite(true)
-        .metadata("format", "pt");
-    for (from, to) in renames(model.config.llm.backbone, true) {
-        store = store.with_key_remapping(from, to);
-    }
-    model
-        .save_into(&mut store)
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = collector
+        .tensors
+        .iter()
+        .map(|(key, data)| {
+            let view = safetensors::tensor::TensorView::new(
+                file_dtype,
+                data.shape().to_vec(),
+                data.as_bytes(),
+            )
+            .map_err(|e| PhantomError::Weights(format!("{key}: {e}")))?;
+            Ok((key.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let metadata: Option<HashMap<String, String>> =
+        Some([("format".to_string(), "pt".to_string())].into());
+    safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| PhantomError::Weights(format!("writing {}: {e}", tmp.display())))?;
-    // The store writes through a private scratch file (mode 0600 on Unix); the checkpoint gets
-    // the mode of any other new file here, the config's.
+    // The writer creates a private file (mode 0600 on Unix); the checkpoint gets the mode of
+    // any other new file here, the config's.
     let mode = std::fs::metadata(&config_tmp)
         .map_err(|e| PhantomError::io(&config_tmp, e))?
         .permissions();
@@ -285,7 +924,6 @@ pub fn save_model(model: &PhantomModel, dir: impl AsRef<Path>) -> Result<()> {
 /// equal share of the bytes. Every file is written under a temporary name and renamed, and the
 /// single file is removed last.
 pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<PathBuf>> {
-    use safetensors::SafeTensors;
     use safetensors::tensor::TensorView;
 
     let dir = dir.as_ref();
@@ -317,7 +955,7 @@ pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<Pat
     }
 
     let count = groups.len();
-    let metadata: Option<std::collections::HashMap<String, String>> =
+    let metadata: Option<HashMap<String, String>> =
         Some([("format".to_string(), "pt".to_string())].into());
     let mut weight_map = serde_json::Map::new();
     let mut written = Vec::with_capacity(count);
@@ -346,4 +984,118 @@ pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<Pat
     drop(bytes);
     std::fs::remove_file(&single).map_err(|e| PhantomError::io(&single, e))?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_paths_become_official_keys() {
+        let cases = [
+            (
+                Backbone::Qwen2,
+                "language_model.model.layers.3.self_attn.qkv.q_proj.weight",
+                "language_model.model.layers.3.self_attn.q_proj.weight",
+            ),
+            (
+                Backbone::Qwen2,
+                "language_model.model.layers.0.self_attn.phantom.gating_phantom_1.bias",
+                "language_model.model.layers.0.self_attn.gating_phantom_1.bias",
+            ),
+            (
+                Backbone::Qwen2,
+                "language_model.model.layers.0.mlp.gate_up.up_proj.weight",
+                "language_model.model.layers.0.mlp.up_proj.weight",
+            ),
+            (
+                Backbone::Phi3,
+                "language_model.model.layers.1.self_attn.qkv.weight",
+                "language_model.model.layers.1.self_attn.qkv_proj.weight",
+            ),
+            (
+                Backbone::Phi3,
+                "language_model.model.layers.1.mlp.gate_up.weight",
+                "language_model.model.layers.1.mlp.gate_up_proj.weight",
+            ),
+            (
+                Backbone::InternLm2,
+                "language_model.model.layers.2.self_attn.qkv.weight",
+                "language_model.model.layers.2.attention.wqkv.weight",
+            ),
+            (
+                Backbone::InternLm2,
+                "language_model.model.layers.2.mlp.gate_up.gate_proj.weight",
+                "language_model.model.layers.2.feed_forward.w1.weight",
+            ),
+            (
+                Backbone::InternLm2,
+                "language_model.lm_head.weight",
+                "language_model.output.weight",
+            ),
+            (
+                Backbone::InternLm2,
+                "language_model.model.embed_tokens.weight",
+                "language_model.model.tok_embeddings.weight",
+            ),
+            (
+                Backbone::Qwen2,
+                "vision_proj.fc2.bias",
+                "vision_proj.3.bias",
+            ),
+            (
+                Backbone::Phi3,
+                "vision_model.encoder.layers.0.attn.qkv.weight",
+                "vision_model.encoder.layers.0.attn.qkv.weight",
+            ),
+        ];
+        for (backbone, path, key) in cases {
+            assert_eq!(official_key(backbone, path), key, "{backbone:?} {path}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_the_half_crate() {
+        let mut state = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let want = bf16::from_f32(f32::from_bits(state));
+            let got = bf16::from_bits(f32_bits_to_bf16(state));
+            if want.is_nan() {
+                assert!(got.is_nan(), "{state:#x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{state:#x}");
+            }
+        }
+        for v in [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+        ] {
+            assert_eq!(
+                f32_bits_to_bf16(v.to_bits()),
+                bf16::from_f32(v).to_bits(),
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn conversion_transposes_and_rounds_in_one_pass() {
+        // [2, 3] f32 → [3, 2] bf16.
+        let values = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0 + 1.0 / 512.0];
+        let src: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let out = convert(&src, DType::F32, DType::BF16, &[2, 3], true);
+        let got: Vec<f32> = out
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        assert_eq!(got, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let same = convert(&src, DType::F32, DType::F32, &[2, 3], false);
+        assert_eq!(&*same, &src[..]);
+    }
 }

@@ -14,9 +14,10 @@ pub const STAGE1_PATTERNS: [&str; 2] = [r"^vision_proj\.", r"\.phantom\."];
 /// Parameter paths of the vision tower.
 pub const VISION_PATTERN: &str = r"^vision_model\.";
 /// The dense projections of the vision tower and the decoder that LoRA adapts (not the
-/// embeddings, the head, norms or the phantom modules, which train in full).
+/// embeddings, the head, norms or the phantom modules, which train in full). Module paths
+/// name the layout variant of the grouped projections (`qkv.Split.q_proj`, `gate_up.Fused`).
 pub const LORA_PATTERNS: [&str; 2] = [
-    r"^language_model\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|qkv_proj|o_proj)|mlp\.(gate_proj|up_proj|gate_up_proj|down_proj))\.weight$",
+    r"^language_model\.model\.layers\.\d+\.(self_attn\.(qkv\.(Split\.[qkv]_proj|Fused|Grouped)|o_proj)|mlp\.(gate_up\.(Split\.(gate|up)_proj|Fused)|down_proj))\.weight$",
     r"^vision_model\.encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))\.weight$",
 ];
 
@@ -144,4 +145,38 @@ pub fn count_trainable(model: &PhantomModel) -> (usize, usize) {
     };
     model.visit(&mut count);
     (count.trainable, count.total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_patterns_name_every_dense_projection_of_every_backbone() {
+        let re = regex::Regex::new(LORA_PATTERNS[0]).expect("pattern");
+        let layer = "language_model.model.layers.7.";
+        for leaf in [
+            "self_attn.qkv.Split.q_proj.weight",
+            "self_attn.qkv.Split.k_proj.weight",
+            "self_attn.qkv.Split.v_proj.weight",
+            "self_attn.qkv.Fused.weight",
+            "self_attn.qkv.Grouped.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_up.Split.gate_proj.weight",
+            "mlp.gate_up.Split.up_proj.weight",
+            "mlp.gate_up.Fused.weight",
+            "mlp.down_proj.weight",
+        ] {
+            assert!(re.is_match(&format!("{layer}{leaf}")), "{leaf}");
+        }
+        for leaf in [
+            "self_attn.qkv.Split.q_proj.bias",
+            "self_attn.phantom.xattn_query_phantom.linear_q.weight",
+            "input_layernorm.gamma",
+        ] {
+            assert!(!re.is_match(&format!("{layer}{leaf}")), "{leaf}");
+        }
+        let vision = regex::Regex::new(LORA_PATTERNS[1]).expect("pattern");
+        assert!(vision.is_match("vision_model.encoder.layers.3.attn.qkv.weight"));
+    }
 }

@@ -279,21 +279,29 @@ pub fn relative_error(got: &[f32], want: &[f32], keep: Option<&[bool]>) -> f32 {
 pub fn check_half_precision(
     dev_name: &str,
     device: &Device,
-    dtype: burn::tensor::DType,
+    precision: phantom_model::device::Precision,
     rel_tol: f32,
 ) -> Vec<(&'static str, f32)> {
     use phantom_infer::Session;
-    let options = phantom_model::LoadOptions { dtype };
+    let options = phantom_model::device::load_options(device, precision);
+    let compute = options.dtype;
     let mut report = Vec::new();
     for name in MODEL_FIXTURES {
         let fx = Fixture::open(name);
-        let ctx = format!("{dev_name} {dtype:?} {name}");
+        let ctx = format!("{dev_name} {precision} {name}");
         let model = phantom_model::load_model(fx.dir(), device, options)
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        // The weights are in the precision asked for (on flex with f32 arithmetic around them).
+        let o_proj = &model.language_model.model.layers[0].self_attn.o_proj;
+        assert_eq!(
+            o_proj.weight.val().dtype(),
+            precision.dtype(),
+            "{ctx}: weights"
+        );
         assert_eq!(
             model.language_model.model.norm.gamma.val().dtype(),
-            dtype,
-            "{ctx}: parameters"
+            compute,
+            "{ctx}: norms"
         );
         let mut worst = 0.0f32;
         let mut check = |what: &str, got: Vec<f32>, want: &[f32], keep: Option<&[bool]>| {
@@ -308,7 +316,7 @@ pub fn check_half_precision(
         // The padded batch in one forward.
         let input = fx.input("text");
         let logits = model.forward(&input, None).unwrap();
-        assert_eq!(logits.dtype(), dtype, "{ctx}: logits");
+        assert_eq!(logits.dtype(), compute, "{ctx}: logits");
         let want = fx.outputs.f32("text.logits_generate_pos");
         let keep = expand_mask(&input.attention_mask, want.shape[2]);
         check("prefill logits", values(logits), &want.data, Some(&keep));
@@ -387,12 +395,14 @@ pub fn half_precision_devices(
         .collect()
 }
 
-/// The trained demo model's greedy answer about its square, computed on `device` in `dtype`.
-pub fn demo_answer(device: &Device, dtype: burn::tensor::DType) -> String {
+/// The trained demo model's greedy answer about its square, computed on `device` in
+/// `precision`.
+pub fn demo_answer(device: &Device, precision: phantom_model::device::Precision) -> String {
     use phantom_model::processor::image::ImageProcessor;
     use phantom_model::processor::prompt::Turn;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo_model");
-    let model = phantom_model::load_model(&dir, device, phantom_model::LoadOptions { dtype })
+    let options = phantom_model::device::load_options(device, precision);
+    let model = phantom_model::load_model(&dir, device, options)
         .unwrap_or_else(|e| panic!("demo model: {e}"));
     let chat = phantom_infer::Chat::from_dir(model, &dir).unwrap();
     let image = ImageProcessor::default()

@@ -19,12 +19,12 @@ fn bf16_tracks_the_f32_reference() {
         "flex and tch compute in bf16"
     );
     for (name, device) in devices {
-        let report = check_half_precision(&name, &device, Precision::Bf16.dtype(), BF16_REL_TOL);
+        let report = check_half_precision(&name, &device, Precision::Bf16, BF16_REL_TOL);
         eprintln!("{name} bf16, largest logit error / largest logit: {report:?}");
         // Not a copy of an f32 run: bf16 rounding must show.
         assert!(report.iter().all(|(_, e)| *e > 0.0), "{name}: {report:?}");
         assert_eq!(
-            demo_answer(&device, Precision::Bf16.dtype()),
+            demo_answer(&device, Precision::Bf16),
             "The square is red.",
             "{name}"
         );

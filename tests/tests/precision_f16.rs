@@ -18,11 +18,11 @@ fn f16_tracks_the_f32_reference() {
         "flex, wgpu and tch compute in f16"
     );
     for (name, device) in devices {
-        let report = check_half_precision(&name, &device, Precision::F16.dtype(), F16_REL_TOL);
+        let report = check_half_precision(&name, &device, Precision::F16, F16_REL_TOL);
         eprintln!("{name} f16, largest logit error / largest logit: {report:?}");
         assert!(report.iter().all(|(_, e)| *e > 0.0), "{name}: {report:?}");
         assert_eq!(
-            demo_answer(&device, Precision::F16.dtype()),
+            demo_answer(&device, Precision::F16),
             "The square is red.",
             "{name}"
         );

@@ -6,7 +6,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use clap::Args;
 use phantom_infer::Session;
-use phantom_model::device::{Precision, device_with_precision};
+use phantom_model::device::{Precision, device_with_precision, load_options};
 use phantom_model::{ModelInput, PhantomModel};
 
 /// Arguments of `bench`.
@@ -78,7 +78,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = device_with_precision(args.device.as_deref(), args.dtype)?;
     let config = phantom_model::presets::config(&args.size)?;
     let vocab = config.llm.vocab_size;
-    let model = PhantomModel::new(config, &device);
+    let model = phantom_model::cast_parameters(
+        PhantomModel::new(config, &device),
+        load_options(&device, args.dtype),
+    );
     let params_decoder = model.language_model.num_params();
     let params_vision = model.vision_model.num_params() + model.vision_proj.num_params();
     let mut report = serde_json::json!({

@@ -100,13 +100,10 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .with_context(|| format!("loading the tokenizer {}", tokenizer_path.display()))?;
 
-    let bar = spinner(
-        args.quiet,
-        &format!("loading {}", args.model.model.display()),
-    );
     let start = Instant::now();
-    let model = args.model.load()?;
-    bar.finish_and_clear();
+    let mut model_args = args.model.clone();
+    model_args.quiet_load |= args.quiet || args.json;
+    let model = model_args.load()?;
     let load_time = start.elapsed();
     let mut chat = Chat::new(model, tokenizer)?;
     chat.processor.max_tiles = processor.max_tiles;

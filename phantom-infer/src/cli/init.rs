@@ -19,6 +19,9 @@ pub struct InitArgs {
     /// are (1 = a single model.safetensors).
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// Precision of the stored weights: f32, f16 or bf16 (the released checkpoints' own).
+    #[arg(long, default_value = "f32")]
+    dtype: phantom_model::device::Precision,
 }
 
 /// `phantom-infer init`.
@@ -27,7 +30,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
     let device = phantom_model::device::device(Some("flex"))
         .or_else(|_| phantom_model::device::device(None))?;
     let model = PhantomModel::new(config, &device);
-    phantom_model::save_model(&model, &args.out)?;
+    phantom_model::save_model_as(&model, &args.out, args.dtype.dtype())?;
     drop(model);
     let files = phantom_model::split_into_shards(&args.out, args.shards)?;
     eprintln!(

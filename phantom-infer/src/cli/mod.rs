@@ -11,8 +11,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use phantom_model::device::{DEVICE_NAMES, Precision, device_with_precision};
-use phantom_model::{LoadOptions, PhantomModel};
+use phantom_model::PhantomModel;
+use burn::prelude::Device;
+use phantom_model::device::{
+    DEVICE_NAMES, Precision, auto_precision, load_options, set_precision,
+};
 
 /// Run Phantom vision-language models (0.5B–7B) on any Burn backend.
 #[derive(Parser, Debug)]
@@ -49,21 +52,87 @@ pub struct ModelArgs {
     /// Backend: the best compiled one by default.
     #[arg(long, help = format!("Backend to run on: {DEVICE_NAMES} (default: best compiled)"))]
     pub device: Option<String>,
-    /// Precision the model computes in: f32, f16 or bf16 (half the memory; flex, tch, CUDA,
-    /// and wgpu adapters with shader-f16 for f16).
-    #[arg(long, default_value = "f32")]
-    pub dtype: Precision,
+    /// Precision: auto (the checkpoint's own where the backend computes in it fast — bf16 for
+    /// the released checkpoints on flex and libtorch — f32 otherwise), f32, f16 or bf16. On
+    /// flex, f16 and bf16 keep the weights in half precision and compute in f32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DtypeChoice,
+    /// No progress bar while loading.
+    #[arg(long)]
+    pub quiet_load: bool,
+}
+
+/// `--dtype`: a precision, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeChoice {
+    /// The checkpoint's own precision where the backend computes in it, f32 otherwise.
+    Auto,
+    /// This precision.
+    Fixed(Precision),
+}
+
+impl std::str::FromStr for DtypeChoice {
+    type Err = phantom_model::PhantomError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            other => other.parse().map(Self::Fixed),
+        }
+    }
 }
 
 impl ModelArgs {
-    /// Starts the device in the chosen precision and loads the model onto it.
+    /// The precision the model runs in on `device`.
+    pub fn precision(&self, device: &Device) -> anyhow::Result<Precision> {
+        Ok(match self.dtype {
+            DtypeChoice::Fixed(p) => p,
+            DtypeChoice::Auto => {
+                let stored = phantom_model::weights::stored_dtype(&self.model)
+                    .with_context(|| format!("reading {}", self.model.display()))?;
+                auto_precision(device, stored)
+            }
+        })
+    }
+
+    /// Starts the device in the chosen precision and loads the model onto it, with a progress
+    /// bar for checkpoints that take a while.
     pub fn load(&self) -> anyhow::Result<PhantomModel> {
-        let device = device_with_precision(self.device.as_deref(), self.dtype)?;
-        let options = LoadOptions {
-            dtype: self.dtype.dtype(),
-        };
-        phantom_model::load_model(&self.model, &device, options)
-            .with_context(|| format!("loading {}", self.model.display()))
+        let mut device = phantom_model::device::device(self.device.as_deref())?;
+        let precision = self.precision(&device)?;
+        set_precision(&mut device, precision).map_err(|e| {
+            anyhow::anyhow!(
+                "--dtype {precision} on `{}`: {e}; use --dtype f32 or another device",
+                self.device.as_deref().unwrap_or("auto")
+            )
+        })?;
+        let options = load_options(&device, precision);
+        let bar = indicatif::ProgressBar::hidden();
+        let shown = std::cell::Cell::new(false);
+        let start = std::time::Instant::now();
+        let model = phantom_model::load_model_with_progress(
+            &self.model,
+            &device,
+            options,
+            |done, total| {
+                // Only a load that takes a moment gets a bar.
+                if !self.quiet_load && !shown.get() && start.elapsed().as_millis() > 300 {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "loading {bar:30} {bytes}/{total_bytes} {elapsed}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    shown.set(true);
+                }
+                bar.set_length(total);
+                bar.set_position(done);
+            },
+        )
+        .with_context(|| format!("loading {}", self.model.display()))?;
+        bar.finish_and_clear();
+        Ok(model)
     }
 }
 

@@ -117,17 +117,44 @@ pub struct StepContext<'a> {
     pub reserve: usize,
 }
 
+/// The separate query, key and value projections (Qwen2).
+#[derive(Module, Debug)]
+pub struct SplitQkv {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+}
+
+/// How a backbone lays out its query, key and value projections.
+#[derive(Module, Debug)]
+pub enum QkvProjection {
+    /// Three projections (Qwen2 `q_proj`, `k_proj`, `v_proj`).
+    Split(SplitQkv),
+    /// One projection whose rows are `[Q | K | V]` (Phi-3 `qkv_proj`).
+    Fused(Linear),
+    /// One projection whose rows are grouped per KV head, `[q_0 … q_{g-1}, k, v]` for each
+    /// (InternLM2 `wqkv`).
+    Grouped(Linear),
+}
+
+impl QkvProjection {
+    /// Every linear layer of the projection.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Self::Split(split) => vec![&mut split.q_proj, &mut split.k_proj, &mut split.v_proj],
+            Self::Fused(fused) | Self::Grouped(fused) => vec![fused],
+        }
+    }
+}
+
 /// Phantom self-attention.
 #[derive(Module, Debug)]
 pub struct Attention {
-    /// Query projection (Qwen2).
-    pub q_proj: Option<Linear>,
-    /// Key projection (Qwen2).
-    pub k_proj: Option<Linear>,
-    /// Value projection (Qwen2).
-    pub v_proj: Option<Linear>,
-    /// Fused projection (Phi-3 `qkv_proj`, InternLM2 `wqkv`).
-    pub qkv_proj: Option<Linear>,
+    /// Query, key and value projections.
+    pub qkv: QkvProjection,
     /// Output projection.
     pub o_proj: Linear,
     /// The phantom modules.
@@ -138,9 +165,6 @@ pub struct Attention {
     pub num_kv_heads: usize,
     /// Head width d.
     pub head_dim: usize,
-    /// Whether the fused projection is InternLM2's per-KV-head `[q × g, k, v]` grouping
-    /// rather than `[Q | K | V]`.
-    pub grouped_qkv: bool,
 }
 
 impl Attention {
@@ -153,31 +177,23 @@ impl Attention {
             config.hidden_size,
         );
         let lin = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
-        let (q_proj, k_proj, v_proj, qkv_proj) = match config.backbone {
-            Backbone::Qwen2 => (
-                Some(lin(hidden, h * d, config.qkv_bias)),
-                Some(lin(hidden, hkv * d, config.qkv_bias)),
-                Some(lin(hidden, hkv * d, config.qkv_bias)),
-                None,
-            ),
-            Backbone::InternLm2 | Backbone::Phi3 => (
-                None,
-                None,
-                None,
-                Some(lin(hidden, (h + 2 * hkv) * d, config.qkv_bias)),
-            ),
+        let fused = || lin(hidden, (h + 2 * hkv) * d, config.qkv_bias);
+        let qkv = match config.backbone {
+            Backbone::Qwen2 => QkvProjection::Split(SplitQkv {
+                q_proj: lin(hidden, h * d, config.qkv_bias),
+                k_proj: lin(hidden, hkv * d, config.qkv_bias),
+                v_proj: lin(hidden, hkv * d, config.qkv_bias),
+            }),
+            Backbone::Phi3 => QkvProjection::Fused(fused()),
+            Backbone::InternLm2 => QkvProjection::Grouped(fused()),
         };
         Self {
-            q_proj,
-            k_proj,
-            v_proj,
-            qkv_proj,
+            qkv,
             o_proj: lin(h * d, hidden, config.o_bias),
             phantom: PhantomDimension::new(d, eta, device),
             num_heads: h,
             num_kv_heads: hkv,
             head_dim: d,
-            grouped_qkv: config.backbone == Backbone::InternLm2,
         }
     }
 
@@ -185,14 +201,13 @@ impl Attention {
     pub fn project(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
-            (None, Some(q), Some(k), Some(v)) => (
-                linear(q, x.clone()).reshape([b, t, h, d]),
-                linear(k, x.clone()).reshape([b, t, hkv, d]),
-                linear(v, x).reshape([b, t, hkv, d]),
+        match &self.qkv {
+            QkvProjection::Split(split) => (
+                linear(&split.q_proj, x.clone()).reshape([b, t, h, d]),
+                linear(&split.k_proj, x.clone()).reshape([b, t, hkv, d]),
+                linear(&split.v_proj, x).reshape([b, t, hkv, d]),
             ),
-            (Some(fused), ..) if self.grouped_qkv => {
-                // Rows grouped per KV head: [q_0 … q_{g-1}, k, v] for each KV head.
+            QkvProjection::Grouped(fused) => {
                 let g = h / hkv;
                 let all = linear(fused, x).reshape([b, t, hkv, g + 2, d]);
                 let q = all.clone().narrow(3, 0, g).reshape([b, t, h, d]);
@@ -200,7 +215,7 @@ impl Attention {
                 let v = all.narrow(3, g + 1, 1).reshape([b, t, hkv, d]);
                 (q, k, v)
             }
-            (Some(fused), ..) => {
+            QkvProjection::Fused(fused) => {
                 let all = linear(fused, x);
                 let q = all.clone().narrow(2, 0, h * d).reshape([b, t, h, d]);
                 let k = all
@@ -212,7 +227,6 @@ impl Attention {
                     .reshape([b, t, hkv, d]);
                 (q, k, v)
             }
-            _ => unreachable!("Attention::new always sets one complete projection layout"),
         }
     }
 

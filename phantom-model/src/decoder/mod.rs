@@ -95,9 +95,16 @@ impl CausalLm {
         Self { model, lm_head }
     }
 
-    /// Token embeddings of `ids` (`[B, T]` → `[B, T, D]`).
+    /// Token embeddings of `ids` (`[B, T]` → `[B, T, D]`), in the dtype the decoder computes
+    /// in (the table may be stored in half precision, see [`crate::LoadOptions::weights`]).
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.model.embed_tokens.forward(ids)
+        let embeds = self.model.embed_tokens.forward(ids);
+        let dtype = self.model.norm.gamma.val().dtype();
+        if embeds.dtype() == dtype {
+            embeds
+        } else {
+            embeds.cast(dtype)
+        }
     }
 
     /// Runs the layers over `T` new positions per row and returns the final-norm hidden states

@@ -5,8 +5,9 @@
 //! [`Attention::project`]: super::attention::Attention::project
 //! [`Mlp::forward`]: super::mlp::Mlp::forward
 
-/// `(official pattern, module path)` rewrites applied when loading.
-pub const LOAD_RENAMES: &[(&str, &str)] = super::qwen2::LOAD_RENAMES;
-
-/// `(module pattern, official path)` rewrites applied when saving.
-pub const SAVE_RENAMES: &[(&str, &str)] = super::qwen2::SAVE_RENAMES;
+/// `(module path, official path)` renames, matched with a dot on each side, in order.
+pub const OFFICIAL_NAMES: &[(&str, &str)] = &[
+    (".self_attn.qkv.", ".self_attn.qkv_proj."),
+    (".self_attn.phantom.", ".self_attn."),
+    (".mlp.gate_up.", ".mlp.gate_up_proj."),
+];
