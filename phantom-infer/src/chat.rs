@@ -1,19 +1,22 @@
 //! A model with its tokenizer, template and image processor: conversations and pictures in,
-//! streamed text out. The CLI, a server and the browser build on this one type.
+//! streamed text out. The CLI, the server and the browser build on this one type.
+//!
+//! [`Conversation`] keeps a session across turns: its KV cache (vision tokens included) holds
+//! the conversation so far, so a later question costs only its own tokens.
 
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use burn::prelude::*;
-use phantom_model::processor::image::{ImageProcessor, PixelValues, RgbImage, round_to_bf16};
-use phantom_model::processor::prompt::{
-    IMAGE_PLACEHOLDER, IMG_CONTEXT, ImageTokenIds, Template, Turn,
-};
+use phantom_model::processor::image::{PixelValues, RgbImage};
+use phantom_model::processor::inputs::{InputProcessor, Pictures};
+use phantom_model::processor::prompt::Turn;
 use phantom_model::processor::tokenizer::Tokenizer;
-use phantom_model::{ModelInput, PhantomError, PhantomModel, Result};
+use phantom_model::{ModelInput, PhantomModel, Result};
 
 use crate::blocking::block_on;
-use crate::generate::{Generation, GenerationConfig, TokenEvent, generate_async};
+use crate::generate::{Generation, GenerationConfig, TokenEvent, continue_async, generate_async};
+use crate::session::Session;
 
 /// Name of the tokenizer file in a model folder.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -22,14 +25,8 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub struct Chat {
     /// The model.
     pub model: PhantomModel,
-    /// Its tokenizer.
-    pub tokenizer: Tokenizer,
-    /// The backbone's prompt format.
-    pub template: Template,
-    /// Tiling and normalisation of pictures.
-    pub processor: ImageProcessor,
-    /// Round pixels to bf16 before the vision tower, as the released pipeline does.
-    pub bf16_pixels: bool,
+    /// Its tokenizer, template and image processor.
+    pub inputs: InputProcessor,
 }
 
 /// A prepared request: ids and pixels.
@@ -41,20 +38,10 @@ pub struct Prepared {
 }
 
 impl Chat {
-    /// Pairs `model` with the `tokenizer.json` of `dir`.
+    /// Pairs `model` with `tokenizer`.
     pub fn new(model: PhantomModel, tokenizer: Tokenizer) -> Result<Self> {
-        let template = Template::from_architecture(model.config.llm.backbone.architecture())?;
-        let processor = ImageProcessor {
-            tile_size: model.config.vision.image_size as u32,
-            ..ImageProcessor::default()
-        };
-        Ok(Self {
-            model,
-            tokenizer,
-            template,
-            processor,
-            bf16_pixels: true,
-        })
+        let inputs = InputProcessor::new(&model.config, tokenizer)?;
+        Ok(Self { model, inputs })
     }
 
     /// Loads `dir/tokenizer.json` for `model`.
@@ -63,54 +50,29 @@ impl Chat {
         Self::new(model, tokenizer)
     }
 
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inputs.tokenizer
+    }
+
     /// Turns a conversation and its images into model inputs. Images attach to the first
     /// question as `<image>` placeholders unless it already places them.
     pub fn prepare(&self, turns: &[Turn], images: &[RgbImage]) -> Result<Prepared> {
-        let mut turns = turns.to_vec();
-        if let Some(first) = turns.first_mut() {
-            let placed = first.user.matches(IMAGE_PLACEHOLDER).count();
-            if placed == 0 && !images.is_empty() {
-                first.user = format!("{}{}", IMAGE_PLACEHOLDER.repeat(images.len()), first.user);
-            }
-        }
-        if !images.is_empty() {
-            // A tokenizer from another checkpoint would place vision tokens where the model
-            // never looks; say so before any pixel is processed.
-            let context = ImageTokenIds::resolve(&self.tokenizer)?.context;
-            let expected = self.model.config.image_token_index;
-            if context != expected {
-                return Err(PhantomError::Input(format!(
-                    "the tokenizer's {IMG_CONTEXT} is id {context} but config.json's \
-                     image_token_index is {expected}: the tokenizer does not belong to this model"
-                )));
-            }
-        }
-        let mut tiles_per_image = Vec::with_capacity(images.len());
-        let mut pixels: Option<PixelValues> = None;
-        for image in images {
-            let p = self.processor.preprocess(image);
-            tiles_per_image.push(p.num_tiles);
-            pixels = Some(match pixels {
-                None => p,
-                Some(mut all) => {
-                    all.data.extend(p.data);
-                    all.num_tiles += p.num_tiles;
-                    all
-                }
-            });
-        }
-        if let Some(p) = pixels.as_mut().filter(|_| self.bf16_pixels) {
-            round_to_bf16(&mut p.data);
-        }
-        let ids = self.template.encode_for(
-            &self.tokenizer,
-            &turns,
-            &tiles_per_image,
-            self.model.config.tokens_per_tile(),
+        // The tokenizer is checked before any pixel is processed.
+        let ids = self.inputs.encode(
+            turns,
+            &Pictures {
+                pixels: None,
+                tiles_per_image: images
+                    .iter()
+                    .map(|i| self.inputs.images.tile_count(i.width(), i.height()))
+                    .collect(),
+            },
         )?;
+        let pictures = self.inputs.pictures(images);
         Ok(Prepared {
             input: ModelInput::unpadded(vec![ids]),
-            pixels,
+            pixels: pictures.pixels,
         })
     }
 
@@ -125,12 +87,21 @@ impl Chat {
     /// Stop tokens: the config's eos ids and the template's end token.
     pub fn stop_tokens(&self) -> Vec<u32> {
         let mut stops = self.model.config.eos_token_ids.clone();
-        if let Ok(end) = self.template.end_token_id(&self.tokenizer)
+        if let Ok(end) = self.inputs.end_token_id()
             && !stops.contains(&end)
         {
             stops.push(end);
         }
         stops
+    }
+
+    /// `config` with the model's stop tokens when it names none.
+    fn with_stops(&self, config: &GenerationConfig) -> GenerationConfig {
+        let mut config = config.clone();
+        if config.stop_token_ids.is_empty() {
+            config.stop_token_ids = self.stop_tokens();
+        }
+        config
     }
 
     /// Answers the last question of `turns`, calling `on_text` with each new piece of text as
@@ -152,52 +123,225 @@ impl Chat {
         turns: &[Turn],
         images: &[RgbImage],
         config: &GenerationConfig,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<(String, Generation)> {
         let prepared = self.prepare(turns, images)?;
         let pixels = prepared.pixels.as_ref().map(|p| self.pixel_tensor(p));
-        let stops = self.stop_tokens();
-        let mut config = config.clone();
-        if config.stop_token_ids.is_empty() {
-            config.stop_token_ids = stops.clone();
-        }
-        let mut decoder = self
-            .tokenizer
-            .incremental_decoder()
-            .skip_special_tokens(true);
-        let mut text = String::new();
-        let mut failure = None;
-        let generation = generate_async(
-            &self.model,
-            &prepared.input,
-            pixels,
-            &config,
-            |TokenEvent { token, .. }| {
-                if stops.contains(&token) {
-                    return ControlFlow::Continue(());
-                }
-                match decoder.step(token) {
-                    Ok(Some(piece)) => {
-                        text.push_str(&piece);
-                        on_text(&piece)
-                    }
-                    Ok(None) => ControlFlow::Continue(()),
-                    Err(e) => {
-                        failure = Some(e);
-                        ControlFlow::Break(())
-                    }
-                }
-            },
-        )
+        let config = self.with_stops(config);
+        let mut text = TextStream::new(self, on_text);
+        let generation = generate_async(&self.model, &prepared.input, pixels, &config, |event| {
+            text.token(event.token)
+        })
         .await?;
-        if let Some(e) = failure {
+        Ok((text.finish()?, generation))
+    }
+
+    /// Starts a conversation about `images` (none for text only).
+    pub fn conversation(&self, images: Vec<RgbImage>) -> Conversation<'_> {
+        let pictures = self.inputs.pictures(&images);
+        Conversation {
+            chat: self,
+            pictures,
+            turns: Vec::new(),
+            session: None,
+            cached: Vec::new(),
+        }
+    }
+}
+
+/// Decodes streamed tokens into complete pieces of text, skipping the stop tokens.
+struct TextStream<'c, F> {
+    stops: Vec<u32>,
+    decoder: phantom_model::processor::tokenizer::IncrementalDecoder<'c>,
+    text: String,
+    on_text: F,
+    failure: Option<phantom_model::processor::tokenizer::TokenizerError>,
+}
+
+impl<'c, F: FnMut(&str) -> ControlFlow<()>> TextStream<'c, F> {
+    fn new(chat: &'c Chat, on_text: F) -> Self {
+        Self {
+            stops: chat.stop_tokens(),
+            decoder: chat
+                .inputs
+                .tokenizer
+                .incremental_decoder()
+                .skip_special_tokens(true),
+            text: String::new(),
+            on_text,
+            failure: None,
+        }
+    }
+
+    fn token(&mut self, token: u32) -> ControlFlow<()> {
+        if self.stops.contains(&token) {
+            return ControlFlow::Continue(());
+        }
+        match self.decoder.step(token) {
+            Ok(Some(piece)) => {
+                self.text.push_str(&piece);
+                (self.on_text)(&piece)
+            }
+            Ok(None) => ControlFlow::Continue(()),
+            Err(e) => {
+                self.failure = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<String> {
+        if let Some(e) = self.failure {
             return Err(e.into());
         }
-        let rest = decoder.finish()?;
+        let rest = self.decoder.finish()?;
         if !rest.is_empty() {
-            text.push_str(&rest);
-            let _ = on_text(&rest);
+            self.text.push_str(&rest);
+            let _ = (self.on_text)(&rest);
         }
-        Ok((text, generation))
+        Ok(self.text)
+    }
+}
+
+/// A multi-turn conversation that keeps its KV cache between questions.
+///
+/// Each question renders the whole conversation with the template, as the model was trained
+/// to read it, and feeds only what the cache does not already hold: the longest common prefix
+/// of the new prompt and the cached tokens stays, anything after it is dropped and the rest is
+/// fed. The pictures are encoded once, with the first question.
+pub struct Conversation<'c> {
+    chat: &'c Chat,
+    pictures: Pictures,
+    turns: Vec<Turn>,
+    session: Option<Session<'c>>,
+    /// The ids the session's cache holds, in order.
+    cached: Vec<u32>,
+}
+
+impl<'c> Conversation<'c> {
+    /// The turns so far (the last one answered once [`Conversation::ask`] returns).
+    pub fn turns(&self) -> &[Turn] {
+        &self.turns
+    }
+
+    /// Tokens the cache holds.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Asks `question`, streaming the answer's text to `on_text`; returns the answer and the
+    /// generation record, whose timings (and `prompt_tokens`) cover this turn only.
+    pub fn ask(
+        &mut self,
+        question: impl Into<String>,
+        config: &GenerationConfig,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(String, Generation)> {
+        block_on(self.ask_async(question, config, on_text))
+    }
+
+    /// [`Conversation::ask`] for callers that must not block (browsers).
+    pub async fn ask_async(
+        &mut self,
+        question: impl Into<String>,
+        config: &GenerationConfig,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(String, Generation)> {
+        let chat = self.chat;
+        let config = chat.with_stops(config);
+        config.validate()?;
+        self.turns.push(Turn::question(question));
+        let result = self.answer_last(&config, on_text).await;
+        match &result {
+            Ok((text, _)) => {
+                if let Some(last) = self.turns.last_mut() {
+                    last.assistant = Some(text.clone());
+                }
+            }
+            Err(_) => {
+                // The question stays unasked; the cache may hold part of it, which the next
+                // prompt's common prefix check discards.
+                self.turns.pop();
+            }
+        }
+        result
+    }
+
+    async fn answer_last(
+        &mut self,
+        config: &GenerationConfig,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<(String, Generation)> {
+        let chat = self.chat;
+        let ids = chat.inputs.encode(&self.turns, &self.pictures)?;
+        let limit = chat.model.config.llm.max_context();
+        if ids.len() + config.max_new_tokens > limit {
+            return Err(phantom_model::PhantomError::Input(format!(
+                "the conversation has {} tokens; with {} new ones it exceeds the model's \
+                 context of {limit}",
+                ids.len(),
+                config.max_new_tokens
+            )));
+        }
+        // Keep what the cache shares with the new prompt, and at least one token to feed.
+        let mut common = self
+            .cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        let image = chat.model.config.image_token_index;
+        if self.session.is_none() || ids[common..].contains(&image) {
+            // A new prefill: nothing to keep, or vision tokens to place.
+            common = 0;
+        }
+        let reserve = ids.len() + config.max_new_tokens;
+        if common == 0 {
+            self.session = None;
+        }
+        let session = self
+            .session
+            .get_or_insert_with(|| Session::new(&chat.model, 1).reserve(reserve));
+        if common > 0 {
+            session.truncate(common)?;
+            session.reset_timings();
+        }
+        self.cached.truncate(common);
+        let suffix = ModelInput::unpadded(vec![ids[common..].to_vec()]);
+        let pixels = if common == 0 {
+            self.pictures.pixels.as_ref().map(|p| chat.pixel_tensor(p))
+        } else {
+            None
+        };
+        let logits = match session.extend_async(&suffix, pixels).await {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.session = None;
+                self.cached.clear();
+                return Err(e);
+            }
+        };
+        self.cached.extend_from_slice(&ids[common..]);
+
+        let mut text = TextStream::new(chat, on_text);
+        let mut on_token = |event: TokenEvent| text.token(event.token);
+        let generation =
+            match continue_async(session, logits, vec![ids.clone()], config, &mut on_token).await {
+                Ok(generation) => generation,
+                Err(e) => {
+                    self.session = None;
+                    self.cached.clear();
+                    return Err(e);
+                }
+            };
+        // The session now holds every chosen token but the last (beam search leaves it at the
+        // prompt).
+        if config.num_beams == 1 {
+            let answer = &generation.sequences[0];
+            self.cached
+                .extend_from_slice(&answer[..answer.len().saturating_sub(1)]);
+        }
+        Ok((text.finish()?, generation))
     }
 }

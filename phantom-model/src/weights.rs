@@ -708,11 +708,7 @@ impl WeightLoader {
     }
 
     /// [`WeightLoader::file`], telling `progress` the bytes of each tensor as it is loaded.
-    pub fn file_with_progress(
-        &mut self,
-        path: &Path,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    pub fn file_with_progress(&mut self, path: &Path, progress: &mut dyn FnMut(u64)) -> Result<()> {
         let name = path.display().to_string();
         let file = std::fs::File::open(path).map_err(|e| PhantomError::io(path, e))?;
         #[cfg(not(target_family = "wasm"))]
@@ -820,12 +816,40 @@ impl WeightLoader {
     }
 }
 
-/// Collects every parameter under its official key, as the checkpoints store it.
+/// Collects every parameter under its official key, to be read one at a time as the file is
+/// written (so saving holds at most one converted tensor next to the model).
 struct Collector {
     backbone: Backbone,
     dtype: DType,
+    file_dtype: Dtype,
     walk: Walk,
-    tensors: Vec<(String, TensorData)>,
+    tensors: Vec<(String, Stored)>,
+}
+
+/// A parameter as the checkpoint stores it, converted when the writer asks for its bytes.
+struct Stored {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: usize,
+    data: Box<dyn Fn() -> Vec<u8>>,
+}
+
+impl safetensors::View for Stored {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned((self.data)())
+    }
+
+    fn data_len(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl ModuleVisitor for Collector {
@@ -843,8 +867,26 @@ impl ModuleVisitor for Collector {
         if role == Role::LinearWeight && D == 2 {
             value = value.transpose();
         }
-        self.tensors
-            .push((key, value.into_data().convert_dtype(self.dtype)));
+        let shape = value.dims().to_vec();
+        let dtype = self.dtype;
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let data = Box::new(move || {
+            value
+                .clone()
+                .into_data()
+                .convert_dtype(dtype)
+                .as_bytes()
+                .to_vec()
+        });
+        self.tensors.push((
+            key,
+            Stored {
+                dtype: self.file_dtype,
+                shape,
+                bytes,
+                data,
+            },
+        ));
     }
 }
 
@@ -879,28 +921,16 @@ pub fn save_model_as(model: &PhantomModel, dir: impl AsRef<Path>, dtype: DType) 
     let mut collector = Collector {
         backbone: model.config.llm.backbone,
         dtype,
+        file_dtype,
         walk: Walk::default(),
         tensors: Vec::new(),
     };
     model.visit(&mut collector);
     let weights = dir.join(WEIGHTS_FILE);
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = collector
-        .tensors
-        .iter()
-        .map(|(key, data)| {
-            let view = safetensors::tensor::TensorView::new(
-                file_dtype,
-                data.shape().to_vec(),
-                data.as_bytes(),
-            )
-            .map_err(|e| PhantomError::Weights(format!("{key}: {e}")))?;
-            Ok((key.clone(), view))
-        })
-        .collect::<Result<_>>()?;
     let metadata: Option<HashMap<String, String>> =
         Some([("format".to_string(), "pt".to_string())].into());
-    safetensors::serialize_to_file(views, metadata, &tmp)
+    safetensors::serialize_to_file(collector.tensors, metadata, &tmp)
         .map_err(|e| PhantomError::Weights(format!("writing {}: {e}", tmp.display())))?;
     // The writer creates a private file (mode 0600 on Unix); the checkpoint gets the mode of
     // any other new file here, the config's.
@@ -918,6 +948,23 @@ pub fn save_model_as(model: &PhantomModel, dir: impl AsRef<Path>, dtype: DType) 
     Ok(())
 }
 
+/// A file's bytes: memory-mapped where there is an OS to map it, read otherwise.
+fn read_or_map(path: &Path) -> Result<Box<dyn std::ops::Deref<Target = [u8]>>> {
+    #[cfg(not(target_family = "wasm"))]
+    {
+        let file = std::fs::File::open(path).map_err(|e| PhantomError::io(path, e))?;
+        // SAFETY: read-only private map of a file this process is about to replace by rename;
+        // the old file stays valid while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| PhantomError::io(path, e))?;
+        Ok(Box::new(map))
+    }
+    #[cfg(target_family = "wasm")]
+    {
+        let bytes = std::fs::read(path).map_err(|e| PhantomError::io(path, e))?;
+        Ok(Box::new(bytes))
+    }
+}
+
 /// Splits the single-file checkpoint in `dir` into `shards` files named as Hugging Face names
 /// them (`model-00001-of-00004.safetensors`, …) plus `model.safetensors.index.json`, the
 /// layout of the released 3.8B and 7B. Tensors keep their order; each shard takes about an
@@ -931,7 +978,7 @@ pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<Pat
     if shards < 2 {
         return Ok(vec![single]);
     }
-    let bytes = std::fs::read(&single).map_err(|e| PhantomError::io(&single, e))?;
+    let bytes = read_or_map(&single)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| PhantomError::Weights(format!("{}: {e}", single.display())))?;
     let mut tensors: Vec<(String, TensorView<'_>)> = file.tensors().into_iter().collect::<Vec<_>>();

@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use js_sys::{Array, Function, Promise, Uint8Array};
 use phantom_infer::{Chat, GenerationConfig};
-use phantom_model::processor::image::{DEFAULT_MAX_PIXELS, ImageProcessor, RgbImage, choose_grid};
+use phantom_model::processor::image::{DEFAULT_MAX_PIXELS, ImageProcessor, RgbImage};
 use phantom_model::processor::prompt::Turn;
 use phantom_model::processor::tokenizer::Tokenizer;
 use phantom_model::{LoadOptions, PhantomConfig, PhantomError, WeightLoader};
@@ -280,13 +280,11 @@ async fn ask(
         .chat
         .try_borrow_mut()
         .map_err(|_| WasmError::Input("a question is already being answered".into()))?;
-    chat.processor.max_tiles = tiles.max_tiles;
+    chat.inputs.images.max_tiles = tiles.max_tiles;
     if loaded.backend.limits.is_none() {
         // WebAssembly memory is the CPU backend's only memory: refuse a picture whose tiles
         // cannot fit rather than running out of memory halfway.
-        let (cols, rows) = choose_grid(image.width(), image.height(), tiles.max_tiles);
-        let grid = (cols * rows) as usize;
-        let count = grid + usize::from(grid > 1 && chat.processor.use_thumbnail);
+        let count = chat.inputs.images.tile_count(image.width(), image.height());
         memory::check_cpu_question(
             &loaded.footprint,
             &chat.model.config,

@@ -63,7 +63,7 @@ fn demo_prompt_and_greedy_answer_match_the_official_run() {
             .collect();
         assert_eq!(generation.sequences[0], want, "{name}: greedy ids");
         assert_eq!(text, streamed, "{name}: streamed text is the answer");
-        assert_eq!(text, chat.tokenizer.decode_skip_special(&want).unwrap());
+        assert_eq!(text, chat.tokenizer().decode_skip_special(&want).unwrap());
         assert_eq!(generation.timings.tiles, 1);
     }
 }
@@ -74,7 +74,10 @@ fn multi_turn_prompts_render_previous_answers() {
     let chat = toy_chat(&fx);
     let turns = [Turn::answered("Hi", "Hello"), Turn::question("Bye")];
     let prepared = chat.prepare(&turns, &[]).unwrap();
-    let text = chat.tokenizer.decode(&prepared.input.input_ids[0]).unwrap();
+    let text = chat
+        .tokenizer()
+        .decode(&prepared.input.input_ids[0])
+        .unwrap();
     assert_eq!(
         text,
         "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|><|im_start|>user\nBye<|im_end|><|im_start|>assistant\n"
@@ -134,4 +137,64 @@ fn a_tokenizer_of_another_model_is_refused_for_pictures() {
     // Text-only questions need no image token and still work.
     chat.prepare(&[Turn::question("What colour?")], &[])
         .unwrap();
+}
+
+#[test]
+fn a_conversation_feeds_only_each_new_turn() {
+    for name in ["tiny_tied", "phi3_tiny"] {
+        let fx = Fixture::open(name);
+        let chat = toy_chat(&fx);
+        let image = ImageProcessor::default()
+            .open(fixtures().join("images/astronaut.png"))
+            .unwrap();
+        let config = GenerationConfig::greedy(6, vec![]);
+        let mut conversation = chat.conversation(vec![image.clone()]);
+        let questions = [
+            "Describe the image in detail.",
+            "And the colours?",
+            "What is in the corner of the picture?",
+        ];
+        let mut prefilled = Vec::new();
+        for (turn, question) in questions.iter().enumerate() {
+            let (answer, generation) = conversation
+                .ask(*question, &config, |_| ControlFlow::Continue(()))
+                .unwrap();
+            prefilled.push(generation.timings.prompt_tokens);
+            // The same answer as a fresh one-shot run over the whole conversation.
+            let turns = conversation.turns().to_vec();
+            let (fresh, fresh_generation) = chat
+                .answer(
+                    &[&turns[..turn], &[Turn::question(*question)]].concat(),
+                    std::slice::from_ref(&image),
+                    &config,
+                    |_| ControlFlow::Continue(()),
+                )
+                .unwrap();
+            assert_eq!(answer, fresh, "{name} turn {turn}");
+            assert_eq!(
+                generation.sequences, fresh_generation.sequences,
+                "{name} turn {turn}"
+            );
+            if turn > 0 {
+                assert_eq!(
+                    generation.timings.tiles, 0,
+                    "{name}: the picture is encoded once"
+                );
+            }
+        }
+        // The first turn reads the picture (256 tokens per tile); later ones read only their
+        // question plus the end of the previous answer: a few dozen tokens each, however long
+        // the conversation has grown.
+        assert!(prefilled[0] > 256, "{name}: {prefilled:?}");
+        for (turn, question) in questions.iter().enumerate().skip(1) {
+            let own = question.len() + 40;
+            assert!(
+                prefilled[turn] <= own,
+                "{name} turn {turn} prefilled {} tokens (its own are about {})",
+                prefilled[turn],
+                question.len()
+            );
+        }
+        assert!(conversation.cached_tokens() > prefilled.iter().sum::<usize>() - 10);
+    }
 }

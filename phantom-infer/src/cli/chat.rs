@@ -12,7 +12,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use phantom_infer::chat::TOKENIZER_FILE;
 use phantom_infer::{Chat, GenerationConfig, Timings};
 use phantom_model::processor::image::{ImageProcessor, RgbImage};
-use phantom_model::processor::prompt::Turn;
 use phantom_model::processor::tokenizer::Tokenizer;
 
 use super::ModelArgs;
@@ -106,7 +105,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let model = model_args.load()?;
     let load_time = start.elapsed();
     let mut chat = Chat::new(model, tokenizer)?;
-    chat.processor.max_tiles = processor.max_tiles;
+    chat.inputs.images.max_tiles = processor.max_tiles;
     if !args.quiet {
         eprintln!(
             "loaded {} on {:?} in {:.1} s",
@@ -127,13 +126,14 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     };
     config.validate()?;
 
-    let mut turns: Vec<Turn> = Vec::new();
-    let ask = |question: String, turns: &mut Vec<Turn>| -> anyhow::Result<()> {
-        turns.push(Turn::question(question));
+    // The conversation keeps its KV cache between questions: a later turn costs only its own
+    // tokens, and the pictures are encoded once.
+    let mut conversation = chat.conversation(images);
+    let mut ask = |question: String| -> anyhow::Result<()> {
         let bar = spinner(args.quiet || args.json, "reading the prompt");
         let mut first = true;
         let stdout = std::io::stdout();
-        let (answer, generation) = chat.answer(turns, &images, &config, |piece| {
+        let (answer, generation) = conversation.ask(question, &config, |piece| {
             if first {
                 bar.finish_and_clear();
                 first = false;
@@ -161,14 +161,11 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
                 eprintln!("{}", describe(&generation.timings));
             }
         }
-        if let Some(last) = turns.last_mut() {
-            last.assistant = Some(answer);
-        }
         Ok(())
     };
 
     if let Some(prompt) = args.prompt.clone() {
-        return ask(prompt, &mut turns);
+        return ask(prompt);
     }
     let stdin = std::io::stdin();
     loop {
@@ -184,7 +181,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
         if question.is_empty() {
             break;
         }
-        ask(question.to_string(), &mut turns)?;
+        ask(question.to_string())?;
     }
     Ok(())
 }

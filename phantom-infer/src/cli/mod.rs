@@ -10,12 +10,10 @@ mod tokens;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use burn::prelude::Device;
 use clap::{Args, Parser, Subcommand};
 use phantom_model::PhantomModel;
-use burn::prelude::Device;
-use phantom_model::device::{
-    DEVICE_NAMES, Precision, auto_precision, load_options, set_precision,
-};
+use phantom_model::device::{DEVICE_NAMES, Precision, auto_precision, load_options, set_precision};
 
 /// Run Phantom vision-language models (0.5B–7B) on any Burn backend.
 #[derive(Parser, Debug)]

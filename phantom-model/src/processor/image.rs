@@ -215,6 +215,15 @@ impl ImageProcessor {
             })
     }
 
+    /// Tiles a `width` x `height` image becomes: its grid, plus the thumbnail when the grid
+    /// has more than one tile.
+    #[must_use]
+    pub fn tile_count(&self, width: u32, height: u32) -> usize {
+        let (cols, rows) = choose_grid_for(width, height, self.max_tiles, self.tile_size);
+        let grid = (cols * rows) as usize;
+        grid + usize::from(grid > 1 && self.use_thumbnail)
+    }
+
     /// Splits an image into the tiles the vision encoder sees: the grid from [`choose_grid`],
     /// row-major, then a 448x448 thumbnail of the whole image if the grid has more than one
     /// tile and [`Self::use_thumbnail`] is set.
