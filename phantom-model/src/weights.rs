@@ -978,6 +978,9 @@ pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<Pat
     if shards < 2 {
         return Ok(vec![single]);
     }
+    let mode = std::fs::metadata(&single)
+        .map_err(|e| PhantomError::io(&single, e))?
+        .permissions();
     let bytes = read_or_map(&single)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| PhantomError::Weights(format!("{}: {e}", single.display())))?;
@@ -1015,6 +1018,8 @@ pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<Pat
         }
         safetensors::serialize_to_file(group, metadata.clone(), &tmp)
             .map_err(|e| PhantomError::Weights(format!("writing {}: {e}", tmp.display())))?;
+        // The shards get the single file's mode, not the writer's private one.
+        std::fs::set_permissions(&tmp, mode.clone()).map_err(|e| PhantomError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| PhantomError::io(&path, e))?;
         written.push(path);
     }

@@ -10,8 +10,9 @@ use std::ops::Range;
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use phantom_model::processor::image::{ImageProcessor, PixelValues, RgbImage, round_to_bf16};
-use phantom_model::processor::prompt::{IMAGE_PLACEHOLDER, Template, Turn};
+use phantom_model::processor::image::{ImageProcessor, PixelValues, RgbImage};
+use phantom_model::processor::inputs::{InputProcessor, Pictures};
+use phantom_model::processor::prompt::Turn;
 use phantom_model::processor::tokenizer::Tokenizer;
 use phantom_model::{ModelInput, PhantomModel};
 
@@ -58,14 +59,9 @@ impl PreferenceBatch {
 /// Tokenizes triples the way `phantom-infer` prompts the model.
 #[derive(Clone, Debug)]
 pub struct TripleEncoder {
-    /// The model's tokenizer.
-    pub tokenizer: Tokenizer,
-    /// Prompt format of the backbone.
-    pub template: Template,
-    /// Image tiling (its tile size is the vision tower's).
-    pub processor: ImageProcessor,
-    /// Vision tokens per tile.
-    pub tokens_per_tile: usize,
+    /// The model's tokenizer, template and image processor: the path every caller shares,
+    /// so the model trains on exactly the prompts and pixels it will see.
+    pub inputs: InputProcessor,
     /// Id that ends an answer.
     pub end_id: u32,
     /// Longest sequence the model accepts.
@@ -75,42 +71,29 @@ pub struct TripleEncoder {
 impl TripleEncoder {
     /// An encoder for `model`'s template, image size and context.
     pub fn new(model: &PhantomModel, tokenizer: Tokenizer, max_tiles: usize) -> Result<Self> {
-        let config = &model.config;
-        let template = Template::from_architecture(config.llm.backbone.architecture())?;
-        let end_id = template.end_token_id(&tokenizer)?;
-        let processor = ImageProcessor {
-            tile_size: config.vision.image_size as u32,
-            ..ImageProcessor::new(max_tiles)?
-        };
+        let mut inputs = InputProcessor::new(&model.config, tokenizer)?;
+        inputs.images.max_tiles = ImageProcessor::new(max_tiles)?.max_tiles;
+        let end_id = inputs.end_token_id()?;
         Ok(Self {
-            tokenizer,
-            template,
-            processor,
-            tokens_per_tile: config.tokens_per_tile(),
+            inputs,
             end_id,
-            max_len: config.llm.max_context(),
+            max_len: model.config.llm.max_context(),
         })
     }
 
     /// The prompt of a question about `n_images` images (each of `tiles[i]` tiles); images go
     /// in front of the question unless it places `<image>` itself, as at inference.
     pub fn prompt(&self, question: &str, tiles: &[usize]) -> Result<Vec<u32>> {
-        let question = if tiles.is_empty() || question.contains(IMAGE_PLACEHOLDER) {
-            question.to_string()
-        } else {
-            format!("{}{question}", IMAGE_PLACEHOLDER.repeat(tiles.len()))
+        let pictures = Pictures {
+            pixels: None,
+            tiles_per_image: tiles.to_vec(),
         };
-        Ok(self.template.encode_for(
-            &self.tokenizer,
-            &[Turn::question(question)],
-            tiles,
-            self.tokens_per_tile,
-        )?)
+        Ok(self.inputs.encode(&[Turn::question(question)], &pictures)?)
     }
 
     /// Answer ids with the end token.
     pub fn answer(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tokenizer.encode(text)?;
+        let mut ids = self.inputs.tokenizer.encode(text)?;
         ids.push(self.end_id);
         Ok(ids)
     }
@@ -123,19 +106,14 @@ impl TripleEncoder {
         rejected: &str,
         image: Option<&RgbImage>,
     ) -> Result<PreferenceItem> {
-        // Rounded to bf16 like the released pipeline and `phantom-infer`, so the model trains
-        // on exactly the pixels it will see.
-        let pixels = image.map(|img| {
-            let mut p = self.processor.preprocess(img);
-            round_to_bf16(&mut p.data);
-            p
-        });
-        let tiles: Vec<usize> = pixels.iter().map(|p| p.num_tiles).collect();
+        let pictures = self
+            .inputs
+            .pictures(image.map_or(&[], std::slice::from_ref));
         let item = PreferenceItem {
-            prompt: self.prompt(question, &tiles)?,
+            prompt: self.inputs.encode(&[Turn::question(question)], &pictures)?,
             chosen: self.answer(chosen)?,
             rejected: self.answer(rejected)?,
-            pixels,
+            pixels: pictures.pixels,
         };
         let longest = item.prompt.len() + item.chosen.len().max(item.rejected.len());
         if longest > self.max_len {

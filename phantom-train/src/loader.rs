@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::prelude::Device;
-use phantom_model::processor::image::choose_grid_for;
+
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -46,7 +46,13 @@ impl TripleSource {
             TrainError::Record(format!("{at}: {e}"))
         };
         let image = match &triple.image {
-            Some(path) => Some(self.encoder.processor.open(path).map_err(|e| named(&e))?),
+            Some(path) => Some(
+                self.encoder
+                    .inputs
+                    .images
+                    .open(path)
+                    .map_err(|e| named(&e))?,
+            ),
             None => None,
         };
         self.encoder
@@ -63,7 +69,7 @@ impl TripleSource {
     /// readable and the longest sequence fits the context. Returns `(index, reason)` per
     /// failing triple; the reason starts with the record's place in its file when known.
     pub fn check(&self) -> Vec<(usize, String)> {
-        let processor = &self.encoder.processor;
+        let processor = &self.encoder.inputs.images;
         let mut bad = Vec::new();
         for (i, t) in self.triples.iter().enumerate() {
             let at = t.location.map(|l| format!("{l}: ")).unwrap_or_default();
@@ -74,13 +80,7 @@ impl TripleSource {
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.into_dimensions().map_err(|e| e.to_string()))
                 {
-                    Ok((w, h)) => {
-                        let (c, r) =
-                            choose_grid_for(w, h, processor.max_tiles, processor.tile_size);
-                        let grid = (c * r) as usize;
-                        let thumb = usize::from(grid > 1 && processor.use_thumbnail);
-                        vec![grid + thumb]
-                    }
+                    Ok((w, h)) => vec![processor.tile_count(w, h)],
                     Err(e) => {
                         bad.push((i, format!("{at}image {}: {e}", path.display())));
                         continue;

@@ -153,6 +153,18 @@ fn sharded_checkpoints_load_like_single_files() {
         phantom_model::save_model(&model, &dir).unwrap();
         let files = phantom_model::split_into_shards(&dir, 3).unwrap();
         assert_eq!(files.len(), 3, "{name}: {files:?}");
+        for file in &files {
+            let mode = std::fs::metadata(file).unwrap().permissions();
+            let config = std::fs::metadata(dir.join("config.json"))
+                .unwrap()
+                .permissions();
+            assert_eq!(
+                mode,
+                config,
+                "{name}: {} is as readable as the config",
+                file.display()
+            );
+        }
         assert!(!dir.join("model.safetensors").exists());
         let index: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),

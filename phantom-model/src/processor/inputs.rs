@@ -11,7 +11,7 @@ use crate::processor::prompt::{IMAGE_PLACEHOLDER, IMG_CONTEXT, ImageTokenIds, Te
 use crate::processor::tokenizer::Tokenizer;
 
 /// A model's tokenizer, template and image processor.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct InputProcessor {
     /// The model's tokenizer.
     pub tokenizer: Tokenizer,
