@@ -48,7 +48,7 @@ fn main() {
 
 #[allow(dead_code)]
 fn gemm_speed() {
-    use phantom_model::kernels::dot::matmul_widened;
+    use phantom_model::kernels::gemm::matmul;
     let (m, k, n) = (1024, 896, 4864);
     let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
     let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 1e-3).cos()).collect();
@@ -56,9 +56,13 @@ fn gemm_speed() {
     let flops = 2.0 * (m * n * k) as f64;
     for _ in 0..3 {
         let start = Instant::now();
-        std::hint::black_box(matmul_widened(&x, m, k, &wb, n));
+        std::hint::black_box(matmul(&x, m, k, &wb, n));
         let t = start.elapsed().as_secs_f64();
-        println!("widened bf16: {:.1} GFLOP/s", flops / t / 1e9);
+        println!("kernels::gemm bf16 weights: {:.1} GFLOP/s", flops / t / 1e9);
+        let start = Instant::now();
+        std::hint::black_box(matmul(&x, m, k, &w, n));
+        let t = start.elapsed().as_secs_f64();
+        println!("kernels::gemm f32: {:.1} GFLOP/s", flops / t / 1e9);
         let mut y = vec![0.0f32; m * n];
         let start = Instant::now();
         unsafe {
@@ -86,5 +90,62 @@ fn gemm_speed() {
         }
         let t = start.elapsed().as_secs_f64();
         println!("gemm f32 (rayon 2): {:.1} GFLOP/s", flops / t / 1e9);
+        let start = Instant::now();
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let t = start.elapsed().as_secs_f64();
+        println!("gemm f32 (1 thread): {:.1} GFLOP/s", flops / t / 1e9);
+        // Weight as [k, n] row-major (Burn's default layout).
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let start = Instant::now();
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                wt.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(2),
+            );
+        }
+        let t = start.elapsed().as_secs_f64();
+        println!(
+            "gemm f32 [k, n] weight (rayon 2): {:.1} GFLOP/s",
+            flops / t / 1e9
+        );
     }
 }

@@ -5,7 +5,9 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::{VisionConfig, VisionNorm};
 use crate::linear::linear;
@@ -169,6 +171,18 @@ impl VisionModel {
     }
 }
 
+/// `softmax(q·kᵀ/√d)·v` over the `[N, heads, L, d]` heads of a tile: the CPU kernel on flex,
+/// Burn's attention elsewhere (fused where the backend fuses it).
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [_, _, l, d] = q.dims();
+    #[cfg(feature = "cpu-kernels")]
+    if let Some(o) = crate::kernels::attend::attend(&q, &k, &v, l, None, 1.0 / (d as f32).sqrt()) {
+        return o;
+    }
+    let _ = (l, d);
+    attention(q, k, v, None, None, AttentionModuleOptions::default())
+}
+
 impl VisionAttention {
     /// Bidirectional attention over all tokens of a tile.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -181,13 +195,7 @@ impl VisionAttention {
         let q = qkv.clone().narrow(0, 0, 1).reshape([n, heads, l, d]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([n, heads, l, d]);
         let v = qkv.narrow(0, 2, 1).reshape([n, heads, l, d]);
-        let scores = q
-            .mul_scalar(1.0 / (d as f64).sqrt())
-            .matmul(k.swap_dims(2, 3));
-        let out = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([n, l, c]);
+        let out = attend(q, k, v).swap_dims(1, 2).reshape([n, l, c]);
         linear(&self.proj, out)
     }
 }

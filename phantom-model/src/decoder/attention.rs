@@ -42,18 +42,17 @@ pub struct AttentionMask {
 }
 
 /// `softmax(q · kᵀ · scale + mask) · v` of the queries `[B, H_kv, R, 2d]` (R = g·t: the g
-/// query heads of each KV head over the t new tokens) over the cache. On flex: the CPU kernel
-/// for a few queries, Burn's fused attention for a prompt; elsewhere Burn's batched products.
+/// query heads of each KV head over the t new tokens) over the cache: the CPU kernel on flex,
+/// Burn's batched products elsewhere.
 fn attend(q: Tensor<4>, cache: &LayerCache, mask: &AttentionMask, scale: f64) -> Tensor<4> {
     #[cfg(feature = "cpu-kernels")]
-    if crate::kernels::is_flex(&q.device()) {
+    {
         let (k, v) = cache.buffers();
         let hidden = mask.hidden.as_ref();
         if let Some(o) = crate::kernels::attend::attend(&q, k, v, cache.len(), hidden, scale as f32)
         {
             return o;
         }
-        return fused_attention(q, cache, mask, scale);
     }
     let [b, hkv, rows, _] = q.dims();
     let s = cache.len();
@@ -69,38 +68,6 @@ fn attend(q: Tensor<4>, cache: &LayerCache, mask: &AttentionMask, scale: f64) ->
         None => scores,
     };
     softmax(scores, 3).matmul(cache.values())
-}
-
-/// [`attend`] through Burn's fused attention (flex runs it tiled over the keys, with grouped
-/// KV heads, without materialising every score).
-#[cfg(feature = "cpu-kernels")]
-fn fused_attention(
-    q: Tensor<4>,
-    cache: &LayerCache,
-    mask: &AttentionMask,
-    scale: f64,
-) -> Tensor<4> {
-    use burn::tensor::module::attention;
-    use burn::tensor::ops::AttentionModuleOptions;
-    let [b, hkv, rows, w] = q.dims();
-    let s = cache.len();
-    let (t, mask) = match &mask.hidden {
-        Some(hidden) => {
-            let t = hidden.dims()[3];
-            (t, Some(hidden.clone().reshape([b, 1, t, s])))
-        }
-        // Without a mask this is a decode step: one new token.
-        None => (1, None),
-    };
-    let g = rows / t;
-    // [B, H_kv, g·t, w] → [B, H, t, w], query head h = kv·g + i, as the caller built it.
-    let q = q.reshape([b, hkv * g, t, w]);
-    let options = AttentionModuleOptions {
-        scale: Some(scale),
-        softcap: None,
-        is_causal: false,
-    };
-    attention(q, cache.keys(), cache.values(), mask, None, options).reshape([b, hkv, rows, w])
 }
 
 /// What every layer of one forward call shares: positions, visibility, phantom tokens.

@@ -2,20 +2,24 @@
 //!
 //! A decode step attends one query per head over every cached key: with Burn's ops that is a
 //! strided view of the cache made contiguous (and, in half precision, copied to f32) twice per
-//! layer per token, then six more ops. Here each KV head's keys and values are read once,
-//! straight from the cache buffers in their own precision: scores by [`dot::matvec_serial`],
-//! softmax in f32, values by [`dot::weighted_rows`]. KV heads run in parallel.
+//! layer per token, then six more ops. Here each KV head's keys and values are read straight
+//! from the cache buffers in their own precision. A few queries take the scores by
+//! [`dot::matvec_serial`] and the values by [`dot::weighted_rows`]; a prompt's (or a vision
+//! tile's) many queries go through the blocked GEMM a block of rows at a time, so the scores
+//! never exceed a few megabytes. Softmax is in f32; KV heads run in parallel.
 
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn_flex::{Flex, FlexTensor};
 use half::{bf16, f16};
 
-use super::{activations, dot, for_each_chunk, is_flex};
+use super::{activations, dot, for_each_chunk, gemm, is_flex};
 
-/// Queries per KV head up to which the kernel serves a call (a decode step of a GQA group, or
-/// a few tokens fed at once); longer prompts use Burn's batched products.
-pub const MAX_QUERY_ROWS: usize = 64;
+/// Queries per KV head up to which the scores are taken row by row; more go through the GEMM.
+const FEW_ROWS: usize = 16;
+
+/// Query rows of a GEMM block: their scores over 2,000 keys take 2 MB.
+const ROW_BLOCK: usize = 256;
 
 /// `softmax(q · kᵀ · scale + mask) · v` for queries `q` `[B, H_kv, R, w]` (R = g·t rows: the g
 /// query heads of a KV head, each over t new tokens, head-major) against the first `len`
@@ -33,7 +37,6 @@ pub fn attend(
     let [b, hkv, rows, w] = q.dims();
     let [kb, kh, capacity, kw] = k.dims();
     if !is_flex(&q.device())
-        || rows > MAX_QUERY_ROWS
         || (kb, kh, kw) != (b, hkv, w)
         || v.dims() != k.dims()
         || len == 0
@@ -64,11 +67,15 @@ pub fn attend(
     };
     let out_dtype = q.dtype();
     let q = activations(q.clone().try_into_primitive::<Flex>().ok()?)?;
-    let k = k.clone().try_into_primitive::<Flex>().ok()?;
-    let v = v.clone().try_into_primitive::<Flex>().ok()?;
-    if !k.is_contiguous() || !v.is_contiguous() {
-        return None;
-    }
+    let contiguous = |t: FlexTensor| {
+        if t.is_contiguous() {
+            t
+        } else {
+            t.to_contiguous()
+        }
+    };
+    let k = contiguous(k.clone().try_into_primitive::<Flex>().ok()?);
+    let v = contiguous(v.clone().try_into_primitive::<Flex>().ok()?);
     let shape = Shape {
         b,
         hkv,
@@ -120,13 +127,37 @@ fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
         let k = &keys[cache..cache + s.len * s.w];
         let v = &values[cache..cache + s.len * s.w];
         let q = &q[pair * s.rows * s.w..(pair + 1) * s.rows * s.w];
-        let mut p = dot::matvec_serial(q, s.rows, s.w, k, s.len);
-        for (r, row) in p.chunks_exact_mut(s.len).enumerate() {
-            let query = r % s.t;
-            let mask = hidden.map(|m| &m[(batch * s.t + query) * s.len..][..s.len]);
-            softmax_row(row, scale, mask);
+        let softmax = |p: &mut [f32], first_row: usize| {
+            for (r, row) in p.chunks_exact_mut(s.len).enumerate() {
+                let query = (first_row + r) % s.t;
+                let mask = hidden.map(|m| &m[(batch * s.t + query) * s.len..][..s.len]);
+                softmax_row(row, scale, mask);
+            }
+        };
+        if s.rows <= FEW_ROWS {
+            let mut p = dot::matvec_serial(q, s.rows, s.w, k, s.len);
+            softmax(&mut p, 0);
+            dot::weighted_rows(&p, s.rows, v, s.w, out);
+            return;
         }
-        dot::weighted_rows(&p, s.rows, v, s.w, out);
+        // The values transposed ([w, len], f32): the second product reads them as a weight.
+        let mut v_t = vec![0.0f32; s.w * s.len];
+        let mut widened = vec![0.0f32; s.w];
+        for (key, row) in v.chunks_exact(s.w).enumerate() {
+            W::widen(row, &mut widened);
+            for (i, &x) in widened.iter().enumerate() {
+                v_t[i * s.len + key] = x;
+            }
+        }
+        let mut p = vec![0.0f32; ROW_BLOCK.min(s.rows) * s.len];
+        for r0 in (0..s.rows).step_by(ROW_BLOCK) {
+            let rows = ROW_BLOCK.min(s.rows - r0);
+            let p = &mut p[..rows * s.len];
+            gemm::matmul_serial(&q[r0 * s.w..(r0 + rows) * s.w], rows, s.w, k, s.len, p);
+            softmax(p, r0);
+            let o = &mut out[r0 * s.w..(r0 + rows) * s.w];
+            gemm::matmul_serial(p, rows, s.len, &v_t, s.w, o);
+        }
     });
     Some(out)
 }
@@ -134,21 +165,133 @@ fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
 /// `softmax(row · scale)` over the keys not hidden, in place; hidden keys get 0. A row with
 /// every key hidden stays all 0 (the callers never produce one: a query sees itself).
 fn softmax_row(row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
-    let visible = |i: usize| hidden.is_none_or(|h| !h[i]);
-    let mut max = f32::NEG_INFINITY;
-    for (i, x) in row.iter_mut().enumerate() {
-        *x *= scale;
-        if visible(i) && *x > max {
-            max = *x;
+    match dot::isa() {
+        // SAFETY: `isa()` chose these only after detecting every feature they enable.
+        #[cfg(target_arch = "x86_64")]
+        dot::Isa::Avx512 => unsafe { softmax_avx512(row, scale, hidden) },
+        #[cfg(target_arch = "x86_64")]
+        dot::Isa::Avx2 => unsafe { softmax_avx2(row, scale, hidden) },
+        dot::Isa::Portable => softmax_body(row, scale, hidden),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_avx512(row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
+    softmax_body(row, scale, hidden);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
+    softmax_body(row, scale, hidden);
+}
+
+/// Lanes of the running maximum and sum, so that the reductions vectorise.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_body(row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
+    if let Some(hidden) = hidden {
+        for (x, &h) in row.iter_mut().zip(hidden) {
+            *x = if h { f32::NEG_INFINITY } else { *x * scale };
+        }
+    } else {
+        row.iter_mut().for_each(|x| *x *= scale);
+    }
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(x);
         }
     }
-    let mut total = 0.0f32;
-    for (i, x) in row.iter_mut().enumerate() {
-        *x = if visible(i) { (*x - max).exp() } else { 0.0 };
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sums = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
+    }
+    let mut total: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
         total += *x;
     }
-    if total > 0.0 {
-        let inv = 1.0 / total;
-        row.iter_mut().for_each(|x| *x *= inv);
+    let inv = 1.0 / total;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `e^x` to about 2 ulp for the `x ≤ 0` a softmax feeds it, without branches so that a loop
+/// of it vectorises (the library `expf` is a call per element): `x = n·ln 2 + r`, a degree-6
+/// polynomial for `e^r` on `|r| ≤ ln 2 / 2`, and `2^n` put into the exponent bits. Below
+/// `-87.3365` (where `e^x` is under `f32::MIN_POSITIVE`) it returns 0; −∞ gives 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let clamped = x.max(-87.3365);
+    // Round to nearest with the 1.5·2^23 trick (|x·log2 e| < 2^22 here): `round` is a library
+    // call that would keep the loop scalar.
+    const ROUNDER: f32 = 12_582_912.0;
+    let n = (clamped * LOG2_E + ROUNDER) - ROUNDER;
+    let r = (clamped - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^n from the bits of n + 127 (an integer in 1..=254 stored in the low mantissa bits of
+    // n + 127 + 2^23): no float-to-int conversion, which would keep the loop scalar.
+    const MANTISSA: f32 = 8_388_608.0;
+    let scale = f32::from_bits(((n + 127.0 + MANTISSA).to_bits() & 0x7f_ffff) << 23);
+    let y = p * scale;
+    if x < -87.3365 { 0.0 } else { y }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_the_library_where_softmax_uses_it() {
+        let mut worst = 0.0f32;
+        for i in 0..=200_000 {
+            let x = -88.0 + 88.0 * i as f32 / 200_000.0;
+            let want = x.exp();
+            let got = exp(x);
+            if want < f32::MIN_POSITIVE {
+                assert!(got < 1e-37, "{x}: {got}");
+                continue;
+            }
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn softmax_hides_masked_keys_and_sums_to_one() {
+        let mut row = vec![1.0f32, 2.0, 3.0, 4.0];
+        softmax_row(&mut row, 0.5, Some(&[false, true, false, false]));
+        assert_eq!(row[1], 0.0);
+        let total: f32 = row.iter().sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let e = |v: f32| (0.5 * v).exp();
+        let want = e(3.0) / (e(1.0) + e(3.0) + e(4.0));
+        assert!((row[2] - want).abs() < 1e-6);
     }
 }

@@ -158,7 +158,7 @@ unsafe fn block_avx2<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], out: &mu
 
 /// The instruction sets the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -166,7 +166,8 @@ enum Isa {
     Portable,
 }
 
-fn isa() -> Isa {
+/// The widest instruction set this processor runs, detected once.
+pub(crate) fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -310,68 +311,6 @@ pub fn matvec_serial<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize
     row_major(yt, m, n)
 }
 
-/// Fewest weight rows [`matmul_widened`] widens at a time.
-const GEMM_ROWS: usize = 64;
-
-/// A raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes its own columns of the output and nothing reads them until all
-// tasks are done.
-unsafe impl Send for Out {}
-// SAFETY: as above.
-unsafe impl Sync for Out {}
-
-/// `y = x · wᵀ` for many rows (`x` `[m, k]` f32, `w` `[n, k]` f16 or bf16): the weight is
-/// widened a block of rows at a time into a GEMM in f32, never as a whole. There are two
-/// blocks per core: each GEMM packs the activations again, so fewer, larger blocks pay that
-/// less often.
-pub fn matmul_widened<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
-    let mut y = vec![0.0f32; m * n];
-    if m == 0 || n == 0 || k == 0 {
-        return y;
-    }
-    let out = Out(y.as_mut_ptr());
-    let rows = n.div_ceil(2 * super::threads()).max(GEMM_ROWS);
-    let blocks = n.div_ceil(rows);
-    super::for_each_index(blocks, |b| {
-        let out = out;
-        let j0 = b * rows;
-        let count = rows.min(n - j0);
-        let mut widened = vec![0.0f32; count * k];
-        W::widen(&w[j0 * k..(j0 + count) * k], &mut widened);
-        // SAFETY: `x` is [m, k] row-major, `widened` is [count, k] row-major read as its
-        // transpose [k, count] (row stride 1, column stride k), and the destination is the
-        // columns j0..j0+count of the [m, n] row-major `y`, which no other task writes.
-        unsafe {
-            gemm::gemm(
-                m,
-                count,
-                k,
-                out.0.add(j0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                widened.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
-    y
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,29 +382,6 @@ mod tests {
             let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
             let wh_f: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
             let e = worst(&matvec(&x, m, k, &wh, n), &reference(&x, m, k, &wh_f, n));
-            assert!(e <= tol, "f16 {m}x{k}x{n}: off by {e}");
-        }
-    }
-
-    #[test]
-    fn widened_gemm_equals_the_f64_product() {
-        for (m, k, n) in [(9, 17, 3), (16, 300, 65), (33, 64, 200), (128, 96, 64)] {
-            let x = values(m * k, 3 + k as u64);
-            let w = values(n * k, 4 + n as u64);
-            let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
-            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            let wb_f: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            let e = worst(
-                &matmul_widened(&x, m, k, &wb, n),
-                &reference(&x, m, k, &wb_f, n),
-            );
-            assert!(e <= tol, "bf16 {m}x{k}x{n}: off by {e}");
-            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-            let wh_f: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
-            let e = worst(
-                &matmul_widened(&x, m, k, &wh, n),
-                &reference(&x, m, k, &wh_f, n),
-            );
             assert!(e <= tol, "f16 {m}x{k}x{n}: off by {e}");
         }
     }

@@ -3,10 +3,9 @@
 //! Decoding a token multiplies a few activation rows by every weight of the model once, so its
 //! speed is the speed at which the weights stream from memory. [`dot`] reads a weight stored
 //! row-major as `[out, in]` (the checkpoints' order) in its own precision — f32, f16 or bf16 —
-//! widens it in registers, accumulates in f32 and splits the output
-//! rows over the cores. Larger batches (a prompt, the vision tower) in half precision widen the
-//! weight a block of rows at a time into a GEMM in f32, never the whole weight; f32 weights
-//! there stay with Burn's own GEMM.
+//! widens it in registers, accumulates in f32 and splits the output rows over the cores. Larger
+//! batches (a prompt, the vision tower) run a register-blocked GEMM ([`gemm`]) that widens the
+//! weight into its packed blocks, never as a whole.
 //!
 //! [`linear_rows`] is the entry point: it works on flex tensors (not autodiff ones, whose
 //! products must be recorded) and answers `None` for anything else, so callers fall back to
@@ -14,6 +13,7 @@
 
 pub mod attend;
 pub mod dot;
+pub mod gemm;
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -98,10 +98,10 @@ fn activations(x: FlexTensor) -> Option<Vec<f32>> {
 }
 
 /// `x · wᵀ` for `x` `[m, k]` and a weight `w_nk` that Burn sees as `[n, k]` and that is stored
-/// row-major in that order, on a flex device; `[m, n]` in `x`'s dtype. `None` where the
-/// kernels do not apply: another device, an autodiff tensor, a strided weight, an
-/// unsupported dtype, or f32 weights with more than [`MAX_ROWS`] rows (Burn's GEMM is as good
-/// there).
+/// row-major in that order, on a flex device; `[m, n]` in `x`'s dtype. Up to [`MAX_ROWS`]
+/// rows stream the weight once ([`dot`]); more run the blocked product ([`gemm`]). `None`
+/// where the kernels do not apply: another device, an autodiff tensor, a strided weight or an
+/// unsupported dtype.
 pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
     if !is_flex(&x.device()) || !is_flex(&w_nk.device()) {
         return None;
@@ -112,9 +112,6 @@ pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     }
     let weight_dtype = w_nk.dtype();
-    if m > MAX_ROWS && weight_dtype == DType::F32 {
-        return None;
-    }
     let out_dtype = x.dtype();
     let w = w_nk.clone().try_into_primitive::<Flex>().ok()?;
     // The weight must already sit row-major as [n, k]: the kernels never copy a weight.
@@ -139,6 +136,6 @@ fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> 
     if m <= MAX_ROWS {
         dot::matvec(x, m, k, w, n)
     } else {
-        dot::matmul_widened(x, m, k, w, n)
+        gemm::matmul(x, m, k, w, n)
     }
 }

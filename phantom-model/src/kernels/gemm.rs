@@ -1,0 +1,513 @@
+//! Matrix products of many activation rows with a weight: `C = A · Wᵀ` for `A` `[m, k]` in f32
+//! and `W` `[n, k]` (the checkpoints' `[out, in]`) in f32, f16 or bf16, accumulated in f32.
+//!
+//! The classic blocked scheme: a block of `W` is packed (and widened to f32) into column
+//! slivers `NR` wide, a block of `A` into row slivers `MR` tall, and a register-blocked micro
+//! kernel runs over the packed slivers, so every load feeds `MR` or `NR` multiply-adds from
+//! the caches. Each core takes its own share of the output columns. The micro kernels are
+//! written with AVX-512 and AVX2 intrinsics and chosen at run time; elsewhere the `gemm` crate
+//! computes the product.
+
+use super::dot::Weight;
+
+/// Columns of a block of `W` (packed once per depth block and shared by every row block).
+const NC: usize = 2048;
+/// Depth of a block: an `MR × KC` sliver of `A` and a `KC × NR` sliver of `W` stay in L1/L2.
+const KC: usize = 256;
+/// Rows of a block of `A` (its packed panel stays in L2).
+const MC: usize = 144;
+
+/// `C = A · Wᵀ`: `a` `[m, k]` row-major, `w` `[n, k]` row-major; `[m, n]` row-major. The
+/// output columns are split between the cores.
+pub fn matmul<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+    let mut c = vec![0.0f32; m * n];
+    matmul_into(a, m, k, w, n, &mut c, super::threads());
+    c
+}
+
+/// [`matmul`] into `c`, on the calling thread only (for callers that already split their work
+/// over the cores).
+pub fn matmul_serial<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize, c: &mut [f32]) {
+    matmul_into(a, m, k, w, n, c, 1);
+}
+
+fn matmul_into<W: Weight>(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    c: &mut [f32],
+    threads: usize,
+) {
+    debug_assert_eq!(a.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    debug_assert_eq!(c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx512 {
+            blocked::<W, 12, 32>(a, m, k, w, n, c, threads, x86::micro_avx512);
+            return;
+        }
+        if avx2 {
+            blocked::<W, 6, 16>(a, m, k, w, n, c, threads, x86::micro_avx2);
+            return;
+        }
+    }
+    c.fill(0.0);
+    fallback(a, m, k, w, n, c);
+}
+
+/// The portable path: widen the weight a block at a time into the `gemm` crate.
+fn fallback<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize, c: &mut [f32]) {
+    for j0 in (0..n).step_by(NC) {
+        let cols = NC.min(n - j0);
+        let mut widened = vec![0.0f32; cols * k];
+        W::widen(&w[j0 * k..(j0 + cols) * k], &mut widened);
+        // SAFETY: `a` is [m, k] row-major, `widened` is [cols, k] row-major read as its
+        // transpose [k, cols], and the destination is columns j0..j0+cols of the [m, n] `c`.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                c.as_mut_ptr().add(j0),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                widened.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+/// A micro kernel: `C[MR × NR] (+)= A sliver · B sliver` over `kc` steps, where the A sliver
+/// holds `MR` values per step and the B sliver `NR`; `accumulate` adds to `C` instead of
+/// overwriting it; `c` points at the tile's first element, rows `ldc` apart.
+type Micro =
+    unsafe fn(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool);
+
+/// The packing buffers of a thread, kept between products: fresh multi-megabyte buffers on
+/// every call would cost a page fault per 4 KiB touched.
+struct Scratch(Vec<f32>);
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// This thread's buffer (empty the first time, or when it is in use further up the stack).
+    fn take() -> Self {
+        Self(SCRATCH.with(std::cell::Cell::take))
+    }
+
+    /// Three buffers of the given lengths, carved out of this one.
+    fn split(&mut self, a: usize, b: usize, c: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        if self.0.len() < a + b + c {
+            self.0.resize(a + b + c, 0.0);
+        }
+        let (first, rest) = self.0.split_at_mut(a);
+        let (second, rest) = rest.split_at_mut(b);
+        (first, second, &mut rest[..c])
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.0);
+        SCRATCH.with(|cell| {
+            // Keep the larger of this buffer and any that was put back meanwhile.
+            let other = cell.take();
+            cell.set(if other.len() > buffer.len() {
+                other
+            } else {
+                buffer
+            });
+        });
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes only its own columns of the output, and nothing reads them until
+// all tasks are done.
+unsafe impl Send for Out {}
+// SAFETY: as above.
+unsafe impl Sync for Out {}
+
+/// The blocked product with `MR × NR` micro tiles; the columns are split between `threads`
+/// tasks.
+#[allow(clippy::too_many_arguments)]
+fn blocked<W: Weight, const MR: usize, const NR: usize>(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    c: &mut [f32],
+    threads: usize,
+    micro: Micro,
+) {
+    let out = Out(c.as_mut_ptr());
+    // Column ranges in multiples of NR, one per task.
+    let per_task = n.div_ceil(threads.max(1)).div_ceil(NR) * NR;
+    let tasks = n.div_ceil(per_task);
+    let run = |t: usize| {
+        let out = out;
+        let j_start = t * per_task;
+        let j_end = n.min(j_start + per_task);
+        let mut scratch = Scratch::take();
+        let (packed_b, packed_a, widened) = scratch.split(
+            KC * NC.min(per_task).div_ceil(NR) * NR,
+            MC.div_ceil(MR) * MR * KC,
+            KC,
+        );
+        for jc in (j_start..j_end).step_by(NC) {
+            let nc = NC.min(j_end - jc);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                pack_b::<W, NR>(w, k, jc, nc, pc, kc, packed_b, widened);
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    pack_a::<MR>(a, k, ic, mc, pc, kc, packed_a);
+                    for jr in (0..nc).step_by(NR) {
+                        let cols = NR.min(nc - jr);
+                        let b_sliver = &packed_b[jr * kc..(jr + NR) * kc];
+                        for ir in (0..mc).step_by(MR) {
+                            let rows = MR.min(mc - ir);
+                            let a_sliver = &packed_a[ir * kc..(ir + MR) * kc];
+                            let (row, col) = (ic + ir, jc + jr);
+                            // SAFETY: the slivers hold kc·MR and kc·NR values; a full tile
+                            // lies inside this task's columns of `c` ([m, n], row stride n),
+                            // and a partial one goes through a local tile.
+                            unsafe {
+                                if rows == MR && cols == NR {
+                                    let tile = out.0.add(row * n + col);
+                                    micro(
+                                        kc,
+                                        a_sliver.as_ptr(),
+                                        b_sliver.as_ptr(),
+                                        tile,
+                                        n,
+                                        pc > 0,
+                                    );
+                                } else {
+                                    let mut local = [[0.0f32; NR]; MR];
+                                    let tile = local.as_mut_ptr().cast::<f32>();
+                                    micro(
+                                        kc,
+                                        a_sliver.as_ptr(),
+                                        b_sliver.as_ptr(),
+                                        tile,
+                                        NR,
+                                        false,
+                                    );
+                                    for (r, values) in local.iter().enumerate().take(rows) {
+                                        let dst = out.0.add((row + r) * n + col);
+                                        for (j, &v) in values.iter().enumerate().take(cols) {
+                                            if pc > 0 {
+                                                *dst.add(j) += v;
+                                            } else {
+                                                *dst.add(j) = v;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        super::for_each_index(tasks, run);
+    }
+}
+
+/// Packs rows `jc..jc+nc` of `w` (`[n, k]`), depth `pc..pc+kc`, widened to f32, as slivers of
+/// `NR` columns: sliver `s`, step `p`, lane `j` holds `w[jc + s·NR + j][pc + p]` (0 past the
+/// last row).
+#[allow(clippy::too_many_arguments)]
+fn pack_b<W: Weight, const NR: usize>(
+    w: &[W],
+    k: usize,
+    jc: usize,
+    nc: usize,
+    pc: usize,
+    kc: usize,
+    packed: &mut [f32],
+    widened: &mut [f32],
+) {
+    for s in 0..nc.div_ceil(NR) {
+        let sliver = &mut packed[s * NR * kc..(s + 1) * NR * kc];
+        for j in 0..NR {
+            let row = s * NR + j;
+            if row < nc {
+                let start = (jc + row) * k + pc;
+                W::widen(&w[start..start + kc], &mut widened[..kc]);
+                for (p, &v) in widened[..kc].iter().enumerate() {
+                    sliver[p * NR + j] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    sliver[p * NR + j] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `ic..ic+mc` of `a` (`[m, k]`), depth `pc..pc+kc`, as slivers of `MR` rows:
+/// sliver `s`, step `p`, lane `i` holds `a[ic + s·MR + i][pc + p]` (0 past the last row).
+fn pack_a<const MR: usize>(
+    a: &[f32],
+    k: usize,
+    ic: usize,
+    mc: usize,
+    pc: usize,
+    kc: usize,
+    packed: &mut [f32],
+) {
+    for s in 0..mc.div_ceil(MR) {
+        let sliver = &mut packed[s * MR * kc..(s + 1) * MR * kc];
+        for i in 0..MR {
+            let row = s * MR + i;
+            if row < mc {
+                let src = &a[(ic + row) * k + pc..(ic + row) * k + pc + kc];
+                for (p, &v) in src.iter().enumerate() {
+                    sliver[p * MR + i] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    sliver[p * MR + i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Declares the accumulators of a tile, runs the depth loop with one broadcast of A per
+    /// row and two loads of B per step, then writes the tile back: every accumulator a named
+    /// local, so that all of them stay in registers.
+    macro_rules! tile {
+        ($kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $accumulate:expr, $width:expr,
+         $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident, $add:ident,
+         [$(($i:expr, $r0:ident, $r1:ident)),*]) => {{
+            const MR: usize = [$($i),*].len();
+            $(let mut $r0 = $zero(); let mut $r1 = $zero();)*
+            for p in 0..$kc {
+                // SAFETY: p < kc, within the slivers (MR values of A, 2·width of B per step).
+                unsafe {
+                    let b0 = $load($b.add(p * 2 * $width));
+                    let b1 = $load($b.add(p * 2 * $width + $width));
+                    let ap = $a.add(p * MR);
+                    $(
+                        let ai = $set1(*ap.add($i));
+                        $r0 = $fma(ai, b0, $r0);
+                        $r1 = $fma(ai, b1, $r1);
+                    )*
+                }
+            }
+            $(
+                // SAFETY: the tile has MR rows of 2·width values, rows ldc apart.
+                unsafe {
+                    let dst = $c.add($i * $ldc);
+                    if $accumulate {
+                        $r0 = $add($r0, $load(dst));
+                        $r1 = $add($r1, $load(dst.add($width)));
+                    }
+                    $store(dst, $r0);
+                    $store(dst.add($width), $r1);
+                }
+            )*
+        }};
+    }
+
+    /// 12 × 32 tile: 24 AVX-512 accumulators, each step two loads of B and 12 broadcasts of A.
+    ///
+    /// # Safety
+    ///
+    /// The processor has AVX-512F; `a` holds `12·kc` values, `b` `32·kc`, and `c` a 12 × 32
+    /// tile with rows `ldc` apart.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn micro_avx512(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        tile!(
+            kc,
+            a,
+            b,
+            c,
+            ldc,
+            accumulate,
+            16,
+            _mm512_setzero_ps,
+            _mm512_loadu_ps,
+            _mm512_storeu_ps,
+            _mm512_set1_ps,
+            _mm512_fmadd_ps,
+            _mm512_add_ps,
+            [
+                (0, c00, c01),
+                (1, c10, c11),
+                (2, c20, c21),
+                (3, c30, c31),
+                (4, c40, c41),
+                (5, c50, c51),
+                (6, c60, c61),
+                (7, c70, c71),
+                (8, c80, c81),
+                (9, c90, c91),
+                (10, ca0, ca1),
+                (11, cb0, cb1)
+            ]
+        );
+    }
+
+    /// 6 × 16 tile: 12 AVX2 accumulators, each step two loads of B and 6 broadcasts of A.
+    ///
+    /// # Safety
+    ///
+    /// The processor has AVX2 and FMA; `a` holds `6·kc` values, `b` `16·kc`, and `c` a 6 × 16
+    /// tile with rows `ldc` apart.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_avx2(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        tile!(
+            kc,
+            a,
+            b,
+            c,
+            ldc,
+            accumulate,
+            8,
+            _mm256_setzero_ps,
+            _mm256_loadu_ps,
+            _mm256_storeu_ps,
+            _mm256_set1_ps,
+            _mm256_fmadd_ps,
+            _mm256_add_ps,
+            [
+                (0, c00, c01),
+                (1, c10, c11),
+                (2, c20, c21),
+                (3, c30, c31),
+                (4, c40, c41),
+                (5, c50, c51)
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::{bf16, f16};
+
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                c[r * n + j] = (0..k)
+                    .map(|i| f64::from(a[r * k + i]) * f64::from(w[j * k + i]))
+                    .sum::<f64>() as f32;
+            }
+        }
+        c
+    }
+
+    fn worst(got: &[f32], want: &[f32]) -> f32 {
+        got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+            let d = (g - w).abs();
+            if m.is_nan() || d.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
+    }
+
+    #[test]
+    fn blocked_products_equal_the_f64_product() {
+        // Tails in every dimension, depths across several KC blocks, row blocks past MC.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (9, 17, 3),
+            (13, 300, 33),
+            (25, 513, 70),
+            (150, 96, 40),
+            (40, 64, 2100),
+        ] {
+            let a = values(m * k, 1 + k as u64);
+            let w = values(n * k, 2 + n as u64);
+            let tol = 2e-5 * (k as f32).sqrt() + 1e-6;
+            let e = worst(&matmul(&a, m, k, &w, n), &reference(&a, m, k, &w, n));
+            assert!(e <= tol, "f32 {m}x{k}x{n}: off by {e}");
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wb_f: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let e = worst(&matmul(&a, m, k, &wb, n), &reference(&a, m, k, &wb_f, n));
+            assert!(e <= tol, "bf16 {m}x{k}x{n}: off by {e}");
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wh_f: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            let e = worst(&matmul(&a, m, k, &wh, n), &reference(&a, m, k, &wh_f, n));
+            assert!(e <= tol, "f16 {m}x{k}x{n}: off by {e}");
+            let mut portable = vec![0.0f32; m * n];
+            fallback(&a, m, k, &w, n, &mut portable);
+            let e = worst(&portable, &reference(&a, m, k, &w, n));
+            assert!(e <= tol, "portable {m}x{k}x{n}: off by {e}");
+        }
+    }
+}
