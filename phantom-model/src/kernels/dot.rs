@@ -14,37 +14,55 @@ pub const MAX_ROWS: usize = 8;
 
 /// f32 lanes accumulated side by side: two AVX-512 registers (four AVX2 ones), so that a
 /// single row has independent FMA chains and does not wait on each sum's latency.
-const LANES: usize = 32;
+pub const LANES: usize = 32;
 
 /// A weight element the kernels read: f32 as it is, f16 and bf16 widened to f32.
 pub trait Weight: Copy + Send + Sync + 'static {
+    /// One element as f32.
+    fn to_f32(self) -> f32;
+
     /// Writes `src` as f32 into `dst` (of the same length).
-    fn widen(src: &[Self], dst: &mut [f32]);
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// `LANES` elements as f32, by value (so that they stay in registers).
+    #[inline(always)]
+    fn chunk(src: &[Self; LANES]) -> [f32; LANES] {
+        std::array::from_fn(|i| src[i].to_f32())
+    }
 }
 
 impl Weight for f32 {
     #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
 impl Weight for bf16 {
     #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
+    fn to_f32(self) -> f32 {
         // bf16 is the upper half of an f32: a shift, which vectorises.
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
-        }
+        f32::from_bits(u32::from(self.to_bits()) << 16)
     }
 }
 
 impl Weight for f16 {
     #[inline(always)]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f16_bits_to_f32(s.to_bits());
-        }
+    fn to_f32(self) -> f32 {
+        f16_bits_to_f32(self.to_bits())
+    }
+
+    #[inline(always)]
+    fn chunk(src: &[Self; LANES]) -> [f32; LANES] {
+        // Through a loop over the slice, which vectorises where the per-lane closure does not.
+        let mut out = [0.0f32; LANES];
+        Self::widen(src, &mut out);
+        out
     }
 }
 
@@ -77,9 +95,8 @@ fn accumulate<W: Weight, const R: usize, const FMA: bool>(
     acc: &mut [[f32; LANES]; R],
 ) {
     let full = w.len() / LANES * LANES;
-    let mut wc = [0.0f32; LANES];
     for start in (0..full).step_by(LANES) {
-        W::widen(&w[start..start + LANES], &mut wc);
+        let wc = W::chunk(w[start..start + LANES].try_into().expect("a full chunk"));
         for r in 0..R {
             let xc: &[f32; LANES] = x[r][start..start + LANES].try_into().expect("a full chunk");
             for l in 0..LANES {
