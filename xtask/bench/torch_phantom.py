@@ -253,7 +253,9 @@ class Decoder:
         t = torch.arange(n, dtype=torch.float32)
         freqs = torch.outer(t, self._inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        # Tables in f32, applied in the model's dtype.
+        dtype = torch.get_default_dtype()
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
         self._rope_len = n
 
     def tensors(self):
@@ -538,11 +540,16 @@ def main():
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--no-vision", action="store_true", help="skip the vision-tower measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--ttft", action="store_true",
+                    help="also time the first token of a 1-tile and a 6-tile question")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="precision of the weights and the arithmetic")
     ap.add_argument("--check", action="store_true",
                     help="tiny-config correctness self-check instead of the benchmark")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     if args.check:
         with torch.inference_mode():
             return run_check()
@@ -563,6 +570,7 @@ def main():
             f"(decoder {params_decoder / 1e6:.1f} M, vision {params_vision / 1e6:.1f} M params), "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         report = {"size": args.size, "device": "cpu", "torch": torch.__version__,
+                  "dtype": args.dtype,
                   "threads": torch.get_num_threads(),
                   # Other load on the machine skews OpenMP timings badly (barrier waits).
                   "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
@@ -588,6 +596,22 @@ def main():
             f"({report['prefill_tokens_per_s']:.1f} tok/s)")
         del cache
 
+        if args.ttft:
+            # A question about a picture: 256 tokens per tile plus about 30 of text; the vision
+            # tower on 1 and on 7 tiles (6 and the thumbnail), then the prompt.
+            side = VISION_300M["image"]
+            for key, tiles, n in (("ttft_1_tile_s", 1, 286), ("ttft_6_tile_s", 7, 1822)):
+                t0 = time.perf_counter()
+                vision.extract_feature(torch.randn(tiles, 3, side, side))
+                t1 = time.perf_counter()
+                cache = Cache(cfg, 1, n)
+                dec.forward(random_ids(n, cfg["vocab"], n), cache)
+                t2 = time.perf_counter()
+                report[key] = t2 - t0
+                report[f"prefill_tokens_per_s_{n}"] = n / (t2 - t1)
+                log(f"{key}: {report[key]:.1f} s")
+                del cache
+
         steps = max(args.decode_steps, 2)
         for ctx in contexts:
             cache = Cache(cfg, 1, ctx + steps)
@@ -606,7 +630,7 @@ def main():
                 f"({report[f'decode_tokens_per_s_{ctx}']:.2f} tok/s)")
             del cache
         report["decode_steps_counted"] = steps - 1
-        report["weight_bytes_per_token"] = params_decoder * 4
+        report["weight_bytes_per_token"] = params_decoder * (4 if args.dtype == "float32" else 2)
         report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Mean CPU cores used by other processes during the run; near 0 for a trustworthy number.
     report["other_processes_cpu_cores"] = foreign.cores()

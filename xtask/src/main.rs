@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's tasks in one place.
 
+mod bench;
 mod serve;
 mod tch;
 mod test_web;
@@ -30,18 +31,23 @@ enum Task {
     /// The backend tests on libtorch (CPU): PyTorch 2.9.0's wheel from PyPI in a venv (set up
     /// once), a separate build in `<target>/tch`, every parity test on `--device tch`.
     TestTch,
-    /// Side-by-side CPU benchmark: this project on each CPU backend and a plain-PyTorch
-    /// reference of the same shapes, with the memory-bandwidth bound of decoding.
+    /// Side-by-side CPU benchmark on this machine: phantom-rs on flex (f32, f16, bf16) next to
+    /// a plain-PyTorch model of the same shapes (f32, bf16) and llama.cpp on a GGUF of the same
+    /// decoder (F32, F16, Q8_0, Q4_0), as one table naming the CPU. Set-up (checkpoints, venv,
+    /// node-llama-cpp, GGUF files) happens once under `<target>/bench`.
     BenchInfer {
-        /// Model sizes to measure.
-        #[arg(long, value_delimiter = ',', default_value = "0.5b")]
-        sizes: Vec<String>,
         /// Decode steps per context (the first is a warm-up).
         #[arg(long, default_value_t = 9)]
         decode_steps: usize,
+        /// Runs of every configuration, alternated; the table shows the median and range.
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
         /// Skip the PyTorch reference.
         #[arg(long)]
         no_torch: bool,
+        /// Skip llama.cpp.
+        #[arg(long)]
+        no_llama: bool,
     },
     /// The browser build: `phantom-wasm` for wasm32 in release, and its JavaScript glue from
     /// the `wasm-bindgen` CLI at the locked version (installed from crates.io if missing) in
@@ -201,95 +207,6 @@ fn json_of(mut cmd: Command, what: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(line).with_context(|| format!("{what} printed no JSON: {text}"))
 }
 
-fn bench_infer(sizes: &[String], decode_steps: usize, no_torch: bool) -> anyhow::Result<()> {
-    let mut build = cargo();
-    // The dev profile compiles every dependency (Burn's kernels included) at opt-level 3 and
-    // shares its build with `cargo xtask test`, so the benchmark costs no second Burn build.
-    build.args([
-        "build",
-        "-p",
-        "phantom-infer",
-        "--features",
-        "flex,ndarray,wgpu",
-    ]);
-    run(build, "building phantom-infer (flex + ndarray)")?;
-    let bin = web::target_dir().join("debug/phantom-infer");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let columns = [
-        ("vision_ms_per_tile", "vision ms/tile"),
-        ("prefill_tokens_per_s", "prefill tok/s (128)"),
-        ("decode_tokens_per_s_128", "decode tok/s @128"),
-        ("decode_tokens_per_s_1024", "decode tok/s @1024"),
-        ("peak_rss_mb", "peak RSS MiB"),
-    ];
-    for size in sizes {
-        let mut rows: Vec<(String, serde_json::Value)> = Vec::new();
-        for device in ["flex", "ndarray"] {
-            let mut cmd = Command::new(&bin);
-            cmd.args([
-                "bench",
-                "--size",
-                size,
-                "--device",
-                device,
-                "--decode-steps",
-            ])
-            .arg(decode_steps.to_string());
-            rows.push((
-                device.to_string(),
-                json_of(cmd, &format!("bench {size} on {device}"))?,
-            ));
-        }
-        let torch = if no_torch {
-            None
-        } else {
-            let python = tch::torch_python()?;
-            let mut cmd = Command::new(python);
-            cmd.arg(root.join("xtask/bench/torch_phantom.py"))
-                .args(["--size", size, "--decode-steps"])
-                .arg(decode_steps.to_string());
-            Some(json_of(cmd, &format!("PyTorch reference {size}"))?)
-        };
-        if let Some(t) = &torch {
-            rows.push(("pytorch".into(), t.clone()));
-        }
-        let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
-        println!(
-            "\n### Phantom-{size} shapes, f32, this machine ({} threads)\n",
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        );
-        let mut header = String::from("| backend |");
-        let mut rule = String::from("|---|");
-        for (_, name) in columns {
-            header.push_str(&format!(" {name} |"));
-            rule.push_str("---|");
-        }
-        println!("{header}\n{rule}");
-        for (name, v) in &rows {
-            let mut line = format!("| {name} |");
-            for (key, _) in columns {
-                match (get(v, key), torch.as_ref().and_then(|t| get(t, key))) {
-                    (Some(x), Some(t)) if name != "pytorch" && t > 0.0 => {
-                        line.push_str(&format!(" {x:.1} ({:.2}×) |", x / t))
-                    }
-                    (Some(x), _) => line.push_str(&format!(" {x:.1} |")),
-                    (None, _) => line.push_str(" – |"),
-                }
-            }
-            println!("{line}");
-        }
-        if let Some((_, first)) = rows.first() {
-            println!(
-                "\nDecode bound: {:.0} MB of f32 decoder weights per token ÷ {:.1} GB/s copy bandwidth (read + write) = {:.1} tok/s.\n(×) is ours ÷ PyTorch: above 1 is faster for tokens/s, slower for ms and memory.",
-                get(first, "weight_bytes_per_token").unwrap_or(0.0) / 1e6,
-                get(first, "copy_bandwidth_gbs").unwrap_or(0.0),
-                get(first, "decode_bound_tokens_per_s").unwrap_or(0.0)
-            );
-        }
-    }
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     match Xtask::parse().task {
         Task::Test { no_wgpu } => {
@@ -309,10 +226,16 @@ fn main() -> anyhow::Result<()> {
         }
         Task::TestTch => tch::test(),
         Task::BenchInfer {
-            sizes,
+            decode_steps,
+            repeats,
+            no_torch,
+            no_llama,
+        } => bench::bench_infer(&bench::Options {
             decode_steps,
             no_torch,
-        } => bench_infer(&sizes, decode_steps, no_torch),
+            no_llama,
+            repeats,
+        }),
         Task::Wasm => web::build(),
         Task::ServeWeb { port, model } => {
             let (model, tokenizer) = model.resolve()?;
