@@ -219,6 +219,28 @@ impl<'m> Session<'m> {
         self.cache.select_rows(rows);
     }
 
+    /// Adds the rows of `other` (another session of the same model) after this session's rows:
+    /// each keeps its own cache and phantom vectors, the shorter ones left-padded, so that they
+    /// all decode together from now on.
+    pub fn join(&mut self, other: Session<'m>) -> Result<()> {
+        if self.cache.batch_size() == 0 {
+            self.cache = other.cache;
+            return Ok(());
+        }
+        self.cache = KvCache::concat(&[&self.cache, &other.cache])?;
+        Ok(())
+    }
+
+    /// Drops leading positions every row holds as padding, when there are at least `min`.
+    pub fn trim_padding(&mut self, min: usize) {
+        self.cache.trim_common_padding(min);
+    }
+
+    /// Rows in the batch.
+    pub fn batch_size(&self) -> usize {
+        self.cache.batch_size()
+    }
+
     /// Forgets every cached token from position `len` on (padding included), keeping the
     /// phantom vectors: the session continues as if only the first `len` positions had been
     /// fed. At least one real token must remain in every row.

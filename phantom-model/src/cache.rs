@@ -178,6 +178,94 @@ impl KvCache {
             .any(|row| row.iter().any(|&real| !real))
     }
 
+    /// One cache holding the rows of every cache in `caches`, in order: each is left-padded
+    /// (with hidden positions) to the longest, so that rows of different lengths decode
+    /// together. Every cache must have run its prefill.
+    ///
+    /// # Errors
+    ///
+    /// When a cache has not run its prefill, or the caches come from different models.
+    pub fn concat(caches: &[&KvCache]) -> crate::Result<KvCache> {
+        let bad = |why: String| Err(crate::PhantomError::Input(why));
+        let Some(first) = caches.first() else {
+            return bad("no cache to join".into());
+        };
+        let layers = first.layers.len();
+        let len = caches.iter().map(|c| c.len()).max().unwrap_or(0);
+        if caches
+            .iter()
+            .any(|c| c.layers.len() != layers || c.layers.iter().any(Option::is_none))
+        {
+            return bad(
+                "only caches of the same model that ran their prefill can be joined".into(),
+            );
+        }
+        let reserve = caches.iter().map(|c| c.reserve).max().unwrap_or(0);
+        let mut joined = KvCache::new(layers, 0);
+        joined.reserve = reserve;
+        for layer in 0..layers {
+            let mut keys = Vec::with_capacity(caches.len());
+            let mut values = Vec::with_capacity(caches.len());
+            let mut phantoms = Vec::with_capacity(caches.len());
+            for cache in caches {
+                let Some(l) = &cache.layers[layer] else {
+                    return bad("a cache lost a layer".into());
+                };
+                let pad = len - l.len();
+                let left = |t: Tensor<4>| {
+                    if pad == 0 {
+                        return t;
+                    }
+                    let [b, h, _, w] = t.dims();
+                    let zeros = Tensor::<4>::zeros([b, h, pad, w], (&t.device(), t.dtype()));
+                    Tensor::cat(vec![zeros, t], 2)
+                };
+                keys.push(left(l.keys()));
+                values.push(left(l.values()));
+                phantoms.push(l.phantom.clone());
+            }
+            let phantom = PhantomVectors::cat(phantoms);
+            let k = Tensor::cat(keys, 0);
+            let v = Tensor::cat(values, 0);
+            joined.layers[layer] = Some(LayerCache::new(k, v, phantom, reserve));
+        }
+        for cache in caches {
+            let pad = len - cache.len();
+            for (mask, &next) in cache.key_mask.iter().zip(&cache.next_position) {
+                let mut row = vec![false; pad];
+                row.extend_from_slice(mask);
+                joined.key_mask.push(row);
+                joined.next_position.push(next);
+            }
+        }
+        Ok(joined)
+    }
+
+    /// Drops the leading positions that every row holds as padding (left behind when the
+    /// longest rows of a joined batch have left it), when there are at least `min` of them.
+    pub fn trim_common_padding(&mut self, min: usize) {
+        let common = self
+            .key_mask
+            .iter()
+            .map(|row| row.iter().take_while(|&&real| !real).count())
+            .min()
+            .unwrap_or(0);
+        if common < min.max(1) {
+            return;
+        }
+        for row in &mut self.key_mask {
+            row.drain(..common);
+        }
+        for layer in self.layers.iter_mut() {
+            if let Some(l) = layer.take() {
+                let len = l.len();
+                let k = l.keys().narrow(2, common, len - common);
+                let v = l.values().narrow(2, common, len - common);
+                *layer = Some(LayerCache::new(k, v, l.phantom, self.reserve));
+            }
+        }
+    }
+
     /// Forgets every cached position from `len` on, keeping the phantom vectors taken at the
     /// prefill: the rows continue as if only their first `len` positions had been fed.
     ///

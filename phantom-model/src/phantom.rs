@@ -93,6 +93,21 @@ impl PhantomVectors {
         }
     }
 
+    /// The rows of several batches, in order.
+    pub fn cat(parts: Vec<PhantomVectors>) -> Self {
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for part in parts {
+            q.push(part.q);
+            k.push(part.k);
+            v.push(part.v);
+        }
+        Self {
+            q: Tensor::cat(q, 0),
+            k: Tensor::cat(k, 0),
+            v: Tensor::cat(v, 0),
+        }
+    }
+
     /// Keeps only the given rows (beam reordering, finished rows dropped).
     pub fn select_rows(&self, rows: Tensor<1, Int>) -> Self {
         Self {

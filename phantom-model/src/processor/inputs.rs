@@ -54,9 +54,14 @@ impl InputProcessor {
 
     /// Tiles, normalises (and rounds) `images`.
     pub fn pictures(&self, images: &[RgbImage]) -> Pictures {
+        self.pictures_with(&self.images, images)
+    }
+
+    /// [`InputProcessor::pictures`] with another tiling (a request's own tile budget, say).
+    pub fn pictures_with(&self, processor: &ImageProcessor, images: &[RgbImage]) -> Pictures {
         let mut pictures = Pictures::default();
         for image in images {
-            let p = self.images.preprocess(image);
+            let p = processor.preprocess(image);
             pictures.tiles_per_image.push(p.num_tiles);
             pictures.pixels = Some(match pictures.pixels.take() {
                 None => p,
@@ -82,13 +87,28 @@ impl InputProcessor {
     /// tokenizer of another model would place vision tokens where the model never looks), or
     /// the template cannot render the turns.
     pub fn encode(&self, turns: &[Turn], pictures: &Pictures) -> Result<Vec<u32>> {
+        self.encode_with_system(None, turns, pictures)
+    }
+
+    /// [`InputProcessor::encode`] after a system message (in the backbone's chat format).
+    /// Pictures attach to the first question unless the questions place `<image>` themselves.
+    pub fn encode_with_system(
+        &self,
+        system: Option<&str>,
+        turns: &[Turn],
+        pictures: &Pictures,
+    ) -> Result<Vec<u32>> {
         let mut turns = turns.to_vec();
         let n = pictures.tiles_per_image.len();
-        if let Some(first) = turns.first_mut() {
-            let placed = first.user.matches(IMAGE_PLACEHOLDER).count();
-            if placed == 0 && n > 0 {
-                first.user = format!("{}{}", IMAGE_PLACEHOLDER.repeat(n), first.user);
-            }
+        let placed: usize = turns
+            .iter()
+            .map(|t| t.user.matches(IMAGE_PLACEHOLDER).count())
+            .sum();
+        if let Some(first) = turns.first_mut()
+            && placed == 0
+            && n > 0
+        {
+            first.user = format!("{}{}", IMAGE_PLACEHOLDER.repeat(n), first.user);
         }
         if n > 0 {
             let context = ImageTokenIds::resolve(&self.tokenizer)?.context;
@@ -100,12 +120,21 @@ impl InputProcessor {
                 )));
             }
         }
-        Ok(self.template.encode_for(
+        let mut ids = match system {
+            Some(text) => {
+                let t = self.template;
+                let rendered = format!("{}{text}{}", t.system_start(), t.end_token());
+                self.tokenizer.encode(&rendered)?
+            }
+            None => Vec::new(),
+        };
+        ids.extend(self.template.encode_for(
             &self.tokenizer,
             &turns,
             &pictures.tiles_per_image,
             self.tokens_per_tile,
-        )?)
+        )?);
+        Ok(ids)
     }
 
     /// The id that ends an answer in this template.

@@ -95,6 +95,16 @@ impl Template {
         }
     }
 
+    /// Text that opens a system turn. The released checkpoints were trained without one; a
+    /// system message renders in the backbone's own chat format.
+    #[must_use]
+    pub fn system_start(self) -> &'static str {
+        match self {
+            Self::ChatMl => "<|im_start|>system\n",
+            Self::Phi3 => "<|system|>\n",
+        }
+    }
+
     /// Text that opens the assistant's answer (the generation prompt).
     #[must_use]
     pub fn assistant_start(self) -> &'static str {
