@@ -9,6 +9,7 @@
 //! WebGPU can run it; the plain functions wrap them with [`blocking::block_on`] for native
 //! callers.
 
+pub mod batch;
 pub mod blocking;
 pub mod chat;
 pub mod generate;

@@ -5,6 +5,7 @@ mod chat;
 mod convert;
 mod init;
 mod preprocess;
+mod serve;
 mod tokens;
 
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ enum Command {
     Generate(tokens::GenerateArgs),
     /// Ask about images: one-shot with --prompt, otherwise an interactive session.
     Chat(chat::ChatArgs),
+    /// An OpenAI-compatible HTTP server (chat completions with images, streaming, batching)
+    /// that also serves the web page.
+    Serve(serve::ServeArgs),
     /// An image through the released tiling and normalisation → pixel_values.
     Preprocess(preprocess::PreprocessArgs),
     /// Speed and memory of a released size (random weights) on one backend, as JSON.
@@ -141,6 +145,7 @@ impl Cli {
             Command::Forward(args) => tokens::forward(args),
             Command::Generate(args) => tokens::generate(args),
             Command::Chat(args) => chat::chat(args),
+            Command::Serve(args) => serve::serve(args),
             Command::Preprocess(args) => preprocess::preprocess(args),
             Command::Bench(args) => bench::bench(args),
             Command::Init(args) => init::init(args),
