@@ -42,7 +42,9 @@ fn bench_dir() -> PathBuf {
 /// The CPU's model name and its vector extensions, from `lscpu`.
 fn cpu() -> String {
     let out = Command::new("lscpu").output().ok();
-    let text = out.map_or_else(String::new, |o| String::from_utf8_lossy(&o.stdout).to_string());
+    let text = out.map_or_else(String::new, |o| {
+        String::from_utf8_lossy(&o.stdout).to_string()
+    });
     let field = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -50,10 +52,17 @@ fn cpu() -> String {
             .map_or_else(String::new, |(_, v)| v.trim().to_string())
     };
     let flags = field("Flags");
-    let vector: Vec<&str> = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni"]
-        .into_iter()
-        .filter(|f| flags.split_whitespace().any(|x| x == *f))
-        .collect();
+    let vector: Vec<&str> = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_vnni",
+    ]
+    .into_iter()
+    .filter(|f| flags.split_whitespace().any(|x| x == *f))
+    .collect();
     format!(
         "{} ({} CPUs; {})",
         field("Model name"),
@@ -69,7 +78,10 @@ fn checkpoint(bin: &Path, dtype: &str) -> anyhow::Result<PathBuf> {
         let mut init = Command::new(bin);
         init.args(["init", "--size", "0.5b", "--dtype", dtype, "--out"])
             .arg(&dir);
-        run(init, &format!("writing a random 0.5B checkpoint in {dtype}"))?;
+        run(
+            init,
+            &format!("writing a random 0.5B checkpoint in {dtype}"),
+        )?;
     }
     Ok(dir)
 }
@@ -79,8 +91,13 @@ fn llama_setup(python: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let root = web::root().join("xtask/bench/llama");
     if !root.join("node_modules/node-llama-cpp").is_dir() {
         let mut npm = Command::new("npm");
-        npm.current_dir(&root)
-            .args(["ci", "--ignore-scripts", "--omit=optional", "--no-audit", "--no-fund"]);
+        npm.current_dir(&root).args([
+            "ci",
+            "--ignore-scripts",
+            "--omit=optional",
+            "--no-audit",
+            "--no-fund",
+        ]);
         run(npm, "installing node-llama-cpp (xtask/bench/llama)")?;
     }
     let source = bench_dir().join("llama.cpp");
@@ -206,10 +223,12 @@ pub fn bench_infer(options: &Options) -> anyhow::Result<()> {
                 name: format!("llama.cpp {}", quant.to_uppercase()),
                 command: Box::new(move || {
                     let mut cmd = Command::new("node");
-                    cmd.arg(&script)
-                        .arg("--model")
-                        .arg(&file)
-                        .args(["--threads", "0", "--decode-steps", &steps]);
+                    cmd.arg(&script).arg("--model").arg(&file).args([
+                        "--threads",
+                        "0",
+                        "--decode-steps",
+                        &steps,
+                    ]);
                     cmd
                 }),
                 reports: Vec::new(),

@@ -1,8 +1,9 @@
 //! `cargo xtask …`: the project's tasks in one place.
 
 mod bench;
-mod serve;
+mod server;
 mod tch;
+mod test_serve;
 mod test_web;
 mod web;
 
@@ -49,12 +50,15 @@ enum Task {
         #[arg(long)]
         no_llama: bool,
     },
+    /// `phantom-infer serve` with the demo model, driven by the official `openai` Python
+    /// package (venv made once) and curl, with a load test of concurrent streaming clients.
+    TestServe,
     /// The browser build: `phantom-wasm` for wasm32 in release, and its JavaScript glue from
     /// the `wasm-bindgen` CLI at the locked version (installed from crates.io if missing) in
     /// `phantom-wasm/web/pkg/`.
     Wasm,
-    /// Serves the web page on 127.0.0.1, with a model folder at `model/` (run `cargo xtask
-    /// wasm` first).
+    /// Serves the web page on 127.0.0.1 with `phantom-infer serve`, a model folder at
+    /// `model/` and the OpenAI API at `/v1` (run `cargo xtask wasm` first).
     ServeWeb {
         /// Port on 127.0.0.1.
         #[arg(long, default_value_t = 8000)]
@@ -236,26 +240,29 @@ fn main() -> anyhow::Result<()> {
             no_llama,
             repeats,
         }),
+        Task::TestServe => test_serve::test_serve(),
         Task::Wasm => web::build(),
         Task::ServeWeb { port, model } => {
             let (model, tokenizer) = model.resolve()?;
-            let mut site = serve::Site::default()
-                .folder("/", web::web_dir())
-                .folder("/model/", &model);
-            if let Some(t) = tokenizer {
-                site = site.file("/model/tokenizer.json", t);
-            }
             if !web::web_dir().join("pkg/phantom_wasm.js").is_file() {
                 eprintln!("xtask: phantom-wasm/web/pkg is missing; run `cargo xtask wasm` first");
             }
-            let addr = serve::start(site, port)?;
+            let bin = test_web::native_binary(None)?;
+            let server = server::Server::start(
+                &bin,
+                &model,
+                tokenizer.as_deref(),
+                Some(&web::web_dir()),
+                port,
+            )?;
             println!(
-                "Serving the Phantom page at http://{addr}/ (model: {}); Ctrl-C stops.",
+                "Serving the Phantom page at http://{}/ and the OpenAI API at http://{}/v1 \
+                 (model: {}); Ctrl-C stops.",
+                server.addr,
+                server.addr,
                 model.display()
             );
-            loop {
-                std::thread::park();
-            }
+            server.wait()
         }
         Task::TestWeb {
             model,

@@ -14,7 +14,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::serve::{self, Site};
+use crate::server::Server;
 use crate::web;
 use crate::{cargo, json_of, run};
 
@@ -58,7 +58,8 @@ fn ensure_playwright(dir: &Path) -> anyhow::Result<()> {
     run(npm, "npm ci (playwright-core)")
 }
 
-fn native_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// The test build's `phantom-infer` (or `given`).
+pub fn native_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(bin) = given {
         return Ok(bin.to_path_buf());
     }
@@ -124,12 +125,16 @@ impl TestWeb {
         let test_dir = web::web_dir().join("test");
         ensure_playwright(&test_dir)?;
 
-        let site = Site::default()
-            .folder("/", web::web_dir())
-            .folder("/model/", &self.model)
-            .file("/model/tokenizer.json", self.tokenizer());
-        let addr = serve::start(site, 0)?;
-        let url = format!("http://{addr}/");
+        let bin = native_binary(self.native_bin.as_deref())?;
+        let tokenizer = self.tokenizer();
+        let server = Server::start(
+            &bin,
+            &self.model,
+            Some(&tokenizer),
+            Some(&web::web_dir()),
+            0,
+        )?;
+        let url = format!("http://{}/", server.addr);
         eprintln!("xtask: serving the page at {url}");
 
         let mut runs = Vec::new();
