@@ -40,14 +40,14 @@ pub struct PreferenceBatch {
 }
 
 impl PreferenceBatch {
-    /// Real tokens the model processes for this batch (prompt and answers).
+    /// Real tokens the model processes for this batch: each prompt once, then the answers.
     pub fn tokens(&self, with_rejected: bool) -> usize {
         self.items
             .iter()
             .map(|it| {
                 let rows = it.prompt.len() + it.chosen.len();
                 if with_rejected {
-                    rows + it.prompt.len() + it.rejected.len()
+                    rows + it.rejected.len()
                 } else {
                     rows
                 }
@@ -127,14 +127,99 @@ impl TripleEncoder {
 }
 
 /// Runs `model` over a batch and returns the log-probability of every answer token: chosen
-/// answers first, then (when `with_rejected`) the rejected ones. The image of each triple is
-/// encoded once and shared by its two rows.
+/// answers first, then (when `with_rejected`) the rejected ones.
+///
+/// Each triple's prompt (its image tokens and phantom vectors included) runs once: the prompts
+/// fill a KV cache, whose rows are then repeated for the rejected answers, and both answers
+/// continue from it, with gradients flowing back through the shared prompt. The first answer
+/// token is predicted by the prompt's last hidden state, the others by the answer's own.
 pub fn answer_logps(
     model: &PhantomModel,
     batch: &PreferenceBatch,
     with_rejected: bool,
 ) -> Result<AnswerLogps> {
     let device = model.device();
+    let b = batch.items.len();
+    if b == 0 {
+        return Err(TrainError::Record("an empty batch".into()));
+    }
+    let prompt = ModelInput::left_padded(batch.items.iter().map(|i| i.prompt.clone()).collect(), 0);
+    let tp = prompt.dims().1;
+    let answers: Vec<&Vec<u32>> = batch
+        .items
+        .iter()
+        .map(|i| &i.chosen)
+        .chain(
+            batch
+                .items
+                .iter()
+                .filter(|_| with_rejected)
+                .map(|i| &i.rejected),
+        )
+        .collect();
+    let r = answers.len();
+    let ta = answers.iter().map(|a| a.len()).max().unwrap_or(0);
+    if ta == 0 {
+        return Err(TrainError::Record("an answer without tokens".into()));
+    }
+
+    let vision = encode_tiles(model, batch, false)?;
+    let embeds = model.embed(&prompt, vision)?;
+    let mut cache = model.new_cache(b);
+    cache.reserve(tp + ta);
+    let prompt_hidden = model.forward_embeds(embeds, &prompt.attention_mask, &mut cache, None)?;
+    let d = prompt_hidden.dims()[2];
+    // Row `row` of the answers continues prompt `row % b`.
+    let owners: Vec<usize> = (0..r).map(|row| row % b).collect();
+    if r > b {
+        cache.select_rows(&owners);
+    }
+    // Answers are right-padded: the padding comes after every scored token, so causality
+    // keeps it out of them.
+    let rows: Vec<Vec<u32>> = answers
+        .iter()
+        .map(|a| {
+            let mut row = a.to_vec();
+            row.resize(ta, 0);
+            row
+        })
+        .collect();
+    let continuation = ModelInput::unpadded(rows);
+    let embeds = model.embed(&continuation, None)?;
+    let answer_hidden =
+        model.forward_embeds(embeds, &continuation.attention_mask, &mut cache, None)?;
+
+    // Predictors: [prompt's last state ‖ answer states], `r × (1 + ta)` rows of width d.
+    let owners_t = Tensor::<1, Int>::from_data(
+        TensorData::new(owners.iter().map(|&o| o as i64).collect::<Vec<_>>(), [r]),
+        &device,
+    );
+    let last = prompt_hidden.narrow(1, tp - 1, 1).select(0, owners_t);
+    let states = Tensor::cat(vec![last, answer_hidden], 1).reshape([r * (1 + ta), d]);
+    let mut sources = Vec::new();
+    let mut targets = Vec::new();
+    let mut segments: Vec<Range<usize>> = Vec::with_capacity(r);
+    for (row, answer) in answers.iter().enumerate() {
+        let start = sources.len();
+        for (j, &token) in answer.iter().enumerate() {
+            sources.push((row * (1 + ta) + j) as i64);
+            targets.push(token as i64);
+        }
+        segments.push(start..sources.len());
+    }
+    Ok(AnswerLogps {
+        token_logp: token_logps(model, states, sources, targets)?,
+        segments,
+    })
+}
+
+/// [`answer_logps`] computed without sharing: every answer runs with its own copy of the
+/// prompt, as one left-padded batch. The reference the shared computation is tested against.
+pub fn answer_logps_unshared(
+    model: &PhantomModel,
+    batch: &PreferenceBatch,
+    with_rejected: bool,
+) -> Result<AnswerLogps> {
     let mut rows = Vec::new();
     let mut answers = Vec::new();
     let sides: &[bool] = if with_rejected {
@@ -156,26 +241,7 @@ pub fn answer_logps(
     }
     let input = ModelInput::left_padded(rows, 0);
     let (r, t) = input.dims();
-
-    let tiles: Vec<&PixelValues> = batch
-        .items
-        .iter()
-        .filter_map(|i| i.pixels.as_ref())
-        .collect();
-    let vision = if tiles.is_empty() {
-        None
-    } else {
-        let side = tiles[0].tile_size;
-        let n: usize = tiles.iter().map(|p| p.num_tiles).sum();
-        let data: Vec<f32> = tiles.iter().flat_map(|p| p.data.iter().copied()).collect();
-        let pixels = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &device);
-        let v = model.encode_images(pixels)?;
-        Some(if with_rejected {
-            Tensor::cat(vec![v.clone(), v], 0)
-        } else {
-            v
-        })
-    };
+    let vision = encode_tiles(model, batch, with_rejected)?;
     let embeds = model.embed(&input, vision)?;
     let mut cache = model.new_cache(r);
     let hidden = model.forward_embeds(embeds, &input.attention_mask, &mut cache, None)?;
@@ -194,16 +260,55 @@ pub fn answer_logps(
         }
         segments.push(start..sources.len());
     }
+    Ok(AnswerLogps {
+        token_logp: token_logps(model, hidden.reshape([r * t, d]), sources, targets)?,
+        segments,
+    })
+}
+
+/// The vision tokens of the batch's pictures, encoded once (repeated for the rejected rows
+/// when `twice`).
+fn encode_tiles(
+    model: &PhantomModel,
+    batch: &PreferenceBatch,
+    twice: bool,
+) -> Result<Option<Tensor<3>>> {
+    let tiles: Vec<&PixelValues> = batch
+        .items
+        .iter()
+        .filter_map(|i| i.pixels.as_ref())
+        .collect();
+    if tiles.is_empty() {
+        return Ok(None);
+    }
+    let side = tiles[0].tile_size;
+    let n: usize = tiles.iter().map(|p| p.num_tiles).sum();
+    let data: Vec<f32> = tiles.iter().flat_map(|p| p.data.iter().copied()).collect();
+    let pixels = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &model.device());
+    let v = model.encode_images(pixels)?;
+    Ok(Some(if twice {
+        Tensor::cat(vec![v.clone(), v], 0)
+    } else {
+        v
+    }))
+}
+
+/// `log p(target)` of each `(source, target)` pair: the hidden state at row `source` of
+/// `states` (`[rows, D]`) through the LM head.
+fn token_logps(
+    model: &PhantomModel,
+    states: Tensor<2>,
+    sources: Vec<i64>,
+    targets: Vec<i64>,
+) -> Result<Tensor<1>> {
+    let device = model.device();
+    let d = states.dims()[1];
     let n = sources.len();
     let sources = Tensor::<1, Int>::from_data(TensorData::new(sources, [n]), &device);
-    let picked = hidden.reshape([r * t, d]).select(0, sources);
+    let picked = states.select(0, sources);
     let logits = model.language_model.logits(picked.reshape([1, n, d]));
     let v = logits.dims()[2];
     let logp = log_softmax(logits.reshape([n, v]), 1);
     let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
-    let token_logp = logp.gather(1, targets).reshape([n]);
-    Ok(AnswerLogps {
-        token_logp,
-        segments,
-    })
+    Ok(logp.gather(1, targets).reshape([n]))
 }

@@ -1,5 +1,6 @@
 //! The `phantom-train` subcommands.
 
+mod bench;
 mod demo;
 mod train;
 
@@ -24,6 +25,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Fine-tune a Phantom checkpoint on preference triples (JSON Lines or a JSON array).
     Train(train::TrainArgs),
+    /// Time one training step (forward, backward, AdamW) of a released size with random
+    /// weights: PO against SFT, in stage 1 and stage 2, with peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Device and display options shared by the subcommands.
@@ -70,6 +74,7 @@ impl Cli {
         match self.command {
             Command::Demo(args) => demo::demo(args),
             Command::Train(args) => train::train(args),
+            Command::Bench(args) => bench::bench(args),
         }
     }
 }
