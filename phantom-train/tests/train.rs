@@ -288,23 +288,30 @@ fn records_that_cannot_be_trained_on_are_named() {
 }
 
 #[test]
-fn the_demo_trains_exports_and_answers() {
+fn the_demo_learns_colours_from_the_pictures_and_exports() {
+    // A short colour-only run (chance: 1 in 5) must answer well above chance on unseen
+    // pictures: the answer can only come from the image.
     let dir = tempfile::tempdir().expect("tempdir");
     let device = phantom_model::device::device(Some("flex")).expect("the flex backend");
     let options = DemoOptions {
         out_dir: dir.path().to_path_buf(),
-        steps: 3,
-        batch_size: 2,
-        train_size: 16,
-        eval_size: 4,
+        steps: 300,
+        train_size: 600,
+        eval_size: 100,
+        kinds: vec![shapes::QuestionKind::Colour],
         dashboard: Dashboard::Quiet,
         ..DemoOptions::default()
     };
     let report = demo::run(&options, &device).expect("demo");
     assert_eq!(report.variants.len(), 1);
     let v = &report.variants[0];
-    assert!((0.0..=1.0).contains(&v.heldout_accuracy));
-    assert_eq!(v.steps, 3);
+    assert_eq!(v.steps, 300);
+    assert!(
+        v.heldout_accuracy >= 0.4,
+        "held-out colour accuracy {} is not well above chance (0.2)",
+        v.heldout_accuracy
+    );
+    assert_eq!(v.accuracy_by_kind.len(), 1, "{:?}", v.accuracy_by_kind);
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("report.json")).expect("report.json"),
     )
@@ -341,8 +348,201 @@ fn stage_two_lora_trains_adapters_and_exports_plain_weights() {
         stage1 < lora_trainable && lora_trainable < full_trainable && full_trainable < total,
         "stage 1 {stage1}, LoRA {lora_trainable}, stage 2 {full_trainable}, total {total}"
     );
-    // Folding the adapters gives a model in the official layout again.
+
+    // A few steps move the adapters (B starts at zero) and nothing else.
+    let src = source(&s, &lora, s.triples.clone());
+    let batch = PreferenceBatch {
+        items: (0..2).map(|i| src.item(i).expect("item")).collect(),
+    };
+    let before = params(&lora.valid());
+    let mut po = PoModel::new(
+        lora,
+        StepSettings::new(PreferenceLoss::default(), 1, Some(1.0)),
+    );
+    let mut optim = AdamWConfig::new().init();
+    for _ in 0..3 {
+        let out = TrainStep::step(&po, batch.clone());
+        assert!(out.item.loss.is_finite());
+        po = po.optimize(&mut optim, ModuleLearningRate::from(1e-2), out.grads);
+    }
+    let lora = po.model;
+
+    // Burn visits an adapted weight as its frozen base at `path`, then the factors at
+    // `path.lora.a` ([d_in, r]) and `path.lora.b` ([r, d_out]); the weight is base + scale·A·B
+    // laid out in the base's shape.
+    let (rank, scale) = (2usize, 4.0f32 / 2.0);
+    let trained = params(&lora);
+    let mut adapted: HashMap<String, (Vec<f32>, Vec<f32>, bool)> = HashMap::new();
+    for (path, a) in &trained {
+        let Some(base_path) = path.strip_suffix(".lora.a") else {
+            continue;
+        };
+        let b = &trained[&format!("{base_path}.lora.b")];
+        let (d_in, d_out) = (a.len() / rank, b.len() / rank);
+        let mut delta = vec![0f32; d_in * d_out];
+        for i in 0..d_in {
+            for j in 0..d_out {
+                let dot: f32 = (0..rank).map(|k| a[i * rank + k] * b[k * d_out + j]).sum();
+                delta[i * d_out + j] = scale * dot;
+            }
+        }
+        let moved = b.iter().any(|v| *v != 0.0);
+        adapted.insert(
+            base_path.to_string(),
+            (trained[base_path].clone(), delta, moved),
+        );
+    }
+    assert!(adapted.len() >= 4, "{} adapted weights", adapted.len());
+    assert!(
+        adapted.values().all(|(_, _, moved)| *moved),
+        "an adapter did not move"
+    );
+
+    // Folding the adapters gives W + scale·A·B, saved and reloaded in the official layout.
+    let folded = lora.valid().materialize();
     let dir = s.root.join("lora-export");
-    phantom_model::save_model(&lora.materialize(), &dir).expect("save");
-    load_model(&dir, &s.device, LoadOptions::default()).expect("the export loads");
+    phantom_model::save_model(&folded, &dir).expect("save");
+    let loaded =
+        params(&load_model(&dir, &s.device, LoadOptions::default()).expect("the export loads"));
+    let after = params(&folded);
+    for (path, (base, delta, _)) in &adapted {
+        let got = &loaded[path];
+        assert_eq!(
+            got, &after[path],
+            "{path}: the export differs from the folded model"
+        );
+        let mut largest = 0f32;
+        for ((g, b), d) in got.iter().zip(base).zip(delta) {
+            largest = largest.max((g - (b + d)).abs());
+        }
+        assert!(
+            largest <= 1e-6,
+            "{path}: folded weight is off W + scale·A·B by {largest}"
+        );
+        assert!(
+            delta.iter().any(|d| d.abs() > 1e-6),
+            "{path}: the delta is zero"
+        );
+    }
+    // Besides the adapters, only the projector and phantom modules train (as in stage 1).
+    let trainable = |path: &str| path.starts_with("vision_proj.") || path.contains(".phantom.");
+    for (path, old) in &before {
+        if !adapted.contains_key(path) && !path.contains("lora") && !trainable(path) {
+            if let Some(new) = after.get(path) {
+                assert_eq!(old, new, "{path} changed");
+            }
+        }
+    }
+}
+
+/// Every float parameter's gradient by path (zeros for parameters the loss does not reach).
+fn gradients(model: &impl Module, grads: &burn::tensor::Gradients) -> HashMap<String, Vec<f32>> {
+    struct Collect<'g> {
+        grads: &'g burn::tensor::Gradients,
+        path: Vec<String>,
+        out: HashMap<String, Vec<f32>>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let value = param.val();
+            let grad = value
+                .grad(self.grads)
+                .unwrap_or_else(|| value.inner().zeros_like());
+            let values = grad
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32");
+            let key = self
+                .path
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(".");
+            self.out.insert(key, values);
+        }
+    }
+    let mut c = Collect {
+        grads,
+        path: Vec::new(),
+        out: HashMap::new(),
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+#[test]
+fn the_shared_prompt_gives_the_loss_and_gradients_of_separate_rows() {
+    use phantom_train::batch::{answer_logps, answer_logps_unshared};
+    let s = setup(6);
+    let base = model(&s);
+    let src = source(&s, &base, s.triples.clone());
+    let items: Vec<_> = (0..4).map(|i| src.item(i).expect("item")).collect();
+    // Prompts of different lengths, so that the batch is left-padded.
+    let lengths: Vec<usize> = items.iter().map(|i| i.prompt.len()).collect();
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
+    assert!(items.iter().all(|i| i.pixels.is_some()));
+    let batch = PreferenceBatch { items };
+    let model = prepare(with_autodiff(base), Stage::All, true, None).expect("every weight");
+    for loss in [
+        PreferenceLoss::default(),
+        PreferenceLoss {
+            objective: phantom_train::loss::Objective::Sft,
+            ..PreferenceLoss::default()
+        },
+    ] {
+        let with_rejected = loss.objective.uses_rejected();
+        let run = |shared: bool| {
+            let logps = if shared {
+                answer_logps(&model, &batch, with_rejected)
+            } else {
+                answer_logps_unshared(&model, &batch, with_rejected)
+            }
+            .expect("log-probabilities");
+            let terms = loss.compute(&logps);
+            let value = terms.loss.clone().into_scalar::<f64>();
+            let grads = terms.loss.backward();
+            (value, gradients(&model, &grads))
+        };
+        let (shared, shared_grads) = run(true);
+        let (separate, separate_grads) = run(false);
+        assert!(shared.is_finite() && separate.is_finite());
+        assert!(
+            (shared - separate).abs() <= 1e-5 * separate.abs().max(1.0),
+            "{}: loss {shared} vs {separate}",
+            loss.objective
+        );
+        assert_eq!(shared_grads.len(), separate_grads.len());
+        // Within 1e-5 of the largest gradient of the model (summation order differs).
+        let largest = separate_grads
+            .values()
+            .flatten()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(largest > 0.0 && largest.is_finite());
+        let mut reached = 0;
+        for (name, want) in &separate_grads {
+            let got = &shared_grads[name];
+            reached += usize::from(want.iter().any(|v| *v != 0.0));
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * largest && g.is_finite(),
+                    "{}: {name}: {g} vs {w} (largest gradient {largest})",
+                    loss.objective
+                );
+            }
+        }
+        // The vision tower, projector, decoder and phantom weights all got gradients.
+        assert!(
+            reached > separate_grads.len() / 2,
+            "{reached} of {}",
+            separate_grads.len()
+        );
+    }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use phantom_train::demo::shapes::QuestionKind;
 use phantom_train::demo::{DemoOptions, run};
 
 use super::RunArgs;
@@ -37,6 +38,9 @@ pub struct DemoArgs {
     /// Held-out triples.
     #[arg(long, default_value_t = DemoOptions::default().eval_size)]
     eval_size: usize,
+    /// Question kinds to ask, comma-separated: colour, shape, count, position (default: all).
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -44,9 +48,30 @@ pub struct DemoArgs {
 /// Runs the demo.
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let devices = args.run.devices()?;
+    if devices.len() > 1 {
+        anyhow::bail!(
+            "the demo trains on one device, and {} were given with --device; pass one (the \
+             `train` command spreads a run over several)",
+            devices.len()
+        );
+    }
     let device = devices
         .first()
         .ok_or_else(|| anyhow::anyhow!("no device"))?;
+    let kinds = args
+        .kinds
+        .iter()
+        .map(|name| {
+            QuestionKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name.trim())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown question kind `{name}` (expected colour, shape, count or position)"
+                    )
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if args.steps < 2 {
         anyhow::bail!("--steps must be at least 2");
     }
@@ -60,6 +85,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         seed: args.seed,
         train_size: args.train_size,
         eval_size: args.eval_size,
+        kinds,
         dashboard: args.run.dashboard(),
     };
     let report = run(&options, device)?;

@@ -25,7 +25,8 @@ pub struct TrainArgs {
     /// Training triples: JSON Lines, or a JSON array of objects.
     #[arg(long)]
     data: PathBuf,
-    /// Held-out triples for the per-checkpoint metrics (default: the first 32 training ones).
+    /// Held-out triples for the per-checkpoint metrics (default: 2% of the training triples,
+    /// at most 64, drawn with --seed and left out of training).
     #[arg(long)]
     valid: Option<PathBuf>,
     /// Folder that relative image paths start from (default: the data file's folder).
@@ -49,12 +50,14 @@ pub struct TrainArgs {
     /// Run folder: checkpoints, metrics.jsonl, the exported model in `model/`.
     #[arg(long)]
     out: PathBuf,
-    /// 1: projector + phantom modules; 2: LLM too; all: every weight.
+    /// The paper's recipe: 1 trains the projector and phantom modules with PO (LLM and vision
+    /// tower frozen); 2 unfreezes the LLM too and trains with plain SFT (the paper measured PO
+    /// worse there; vision tower frozen unless --train-vision); all trains every weight.
     #[arg(long, default_value = "1")]
     stage: Stage,
-    /// po (the paper), sft, or simpo.
-    #[arg(long, default_value = "po")]
-    objective: Objective,
+    /// po, sft or simpo. Default: the paper's for the stage (po for 1 and all, sft for 2).
+    #[arg(long)]
+    objective: Option<Objective>,
     /// Reward scale β.
     #[arg(long, default_value_t = 2.0)]
     beta: f64,
@@ -139,8 +142,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let train_set = read(&args, &args.data, &fields)?;
     let valid_triples = match &args.valid {
-        Some(path) => read(&args, path, &fields)?.triples,
-        None => train_set.triples.iter().take(32).cloned().collect(),
+        Some(path) => Some(read(&args, path, &fields)?.triples),
+        None => None,
     };
 
     let devices = args.run.devices()?;
@@ -190,6 +193,30 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if kept.is_empty() {
         anyhow::bail!("no usable triple in {}", args.data.display());
     }
+    // Held-out metrics never come from training data.
+    let (kept, valid_triples) = match valid_triples {
+        Some(valid) => (kept, valid),
+        None => {
+            let (train, held) = hold_out(kept, args.seed);
+            eprintln!(
+                "no --valid: {} of the {} triples are held out for the checkpoint metrics and \
+                 not trained on",
+                held.len(),
+                train.len() + held.len()
+            );
+            (train, held)
+        }
+    };
+    if kept.is_empty() || valid_triples.is_empty() {
+        anyhow::bail!(
+            "{} triple(s) cannot be split into training and validation; pass --valid FILE",
+            kept.len() + valid_triples.len()
+        );
+    }
+    let objective = args.objective.unwrap_or(match args.stage {
+        Stage::Two => Objective::Sft,
+        Stage::One | Stage::All => Objective::Po,
+    });
 
     let config = TrainConfig {
         out_dir: args.out.clone(),
@@ -200,7 +227,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             alpha: args.lora_alpha.unwrap_or(rank as f64),
         }),
         loss: PreferenceLoss {
-            objective: args.objective,
+            objective,
             beta: args.beta,
             gamma: args.gamma,
         },
@@ -243,4 +270,24 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         model_dir.display()
     );
     Ok(())
+}
+
+/// Splits off 2% of `triples` (at most 64; one when there are at least two) for validation,
+/// drawn with `seed`; the rest keep their order.
+fn hold_out<T>(triples: Vec<T>, seed: u64) -> (Vec<T>, Vec<T>) {
+    use rand::SeedableRng;
+    use rand::seq::index::sample;
+    let n = triples.len();
+    let k = if n < 2 { 0 } else { (n / 50).clamp(1, 64) };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let held: std::collections::HashSet<usize> = sample(&mut rng, n, k).into_iter().collect();
+    let (mut train, mut valid) = (Vec::with_capacity(n - k), Vec::with_capacity(k));
+    for (i, t) in triples.into_iter().enumerate() {
+        if held.contains(&i) {
+            valid.push(t);
+        } else {
+            train.push(t);
+        }
+    }
+    (train, valid)
 }

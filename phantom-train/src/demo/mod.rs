@@ -50,6 +50,8 @@ pub struct DemoOptions {
     pub train_size: usize,
     /// Held-out triples.
     pub eval_size: usize,
+    /// Question kinds asked (all four when empty).
+    pub kinds: Vec<QuestionKind>,
     /// Progress display.
     pub dashboard: Dashboard,
 }
@@ -66,6 +68,7 @@ impl Default for DemoOptions {
             seed: 7,
             train_size: 2000,
             eval_size: 200,
+            kinds: Vec::new(),
             dashboard: Dashboard::Auto,
         }
     }
@@ -140,8 +143,10 @@ pub fn run(options: &DemoOptions, device: &Device) -> Result<DemoReport> {
     // 1. Data: written as JSON Lines + PNGs and read back through the user-facing reader.
     let data_dir = out.join("data");
     let image_size = model::IMAGE_SIZE as u32;
-    let train_samples = shapes::generate(options.train_size, options.seed, image_size);
-    let eval_samples = shapes::generate(options.eval_size, options.seed ^ 0xE7A1, image_size);
+    let kinds = &options.kinds;
+    let train_samples = shapes::generate_kinds(options.train_size, options.seed, image_size, kinds);
+    let eval_samples =
+        shapes::generate_kinds(options.eval_size, options.seed ^ 0xE7A1, image_size, kinds);
     let io = |e: std::io::Error| TrainError::io(&data_dir, e);
     let train_file = shapes::write_jsonl(&data_dir, &train_samples, "train").map_err(io)?;
     let eval_file = shapes::write_jsonl(&data_dir, &eval_samples, "heldout").map_err(io)?;

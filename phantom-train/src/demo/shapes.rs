@@ -267,12 +267,25 @@ pub fn answer_key(text: &str, kind: QuestionKind) -> Option<String> {
 /// 56 to 448 give shapes that span several 14-pixel patches.
 #[must_use]
 pub fn generate(count: usize, seed: u64, image_size: u32) -> Vec<ShapeSample> {
+    generate_kinds(count, seed, image_size, &QuestionKind::ALL)
+}
+
+/// [`generate`] with questions of the given kinds only (cycled; all kinds when empty).
+#[must_use]
+pub fn generate_kinds(
+    count: usize,
+    seed: u64,
+    image_size: u32,
+    kinds: &[QuestionKind],
+) -> Vec<ShapeSample> {
+    let kinds = if kinds.is_empty() {
+        &QuestionKind::ALL[..]
+    } else {
+        kinds
+    };
     let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
-        .map(|i| {
-            let kind = QuestionKind::ALL[i % QuestionKind::ALL.len()];
-            sample(kind, &mut rng, image_size)
-        })
+        .map(|i| sample(kinds[i % kinds.len()], &mut rng, image_size))
         .collect()
 }
 
