@@ -366,3 +366,62 @@ fn sigterm_stops_the_server() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A metric's value in the Prometheus text of `/metrics`.
+fn metric(server: &Server, name: &str) -> Option<f64> {
+    let (_, text) = server.request("GET", "/metrics", b"");
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let server = Server::start(&[]);
+    let mut long = question(true);
+    long["max_tokens"] = json!(1900);
+    long["ignore_eos"] = json!(true);
+    let body = long.to_string();
+    let mut stream = TcpStream::connect(&server.addr).expect("connects");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        server.addr,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("writes");
+    stream.write_all(body.as_bytes()).expect("writes");
+    // Read until the answer has started, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"content\":\"The") {
+        let n = stream.read(&mut buf).expect("reads");
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let cancelled = "phantom_requests_total{outcome=\"cancelled\"}";
+    let start = std::time::Instant::now();
+    loop {
+        let done = metric(&server, cancelled) == Some(1.0)
+            && metric(&server, "phantom_batch_size") == Some(0.0);
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the generation went on after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Far fewer decode steps than the 1,900 tokens asked for.
+    let steps = metric(&server, "phantom_decode_steps_total").expect("steps");
+    assert!(steps < 1800.0, "{steps} decode steps");
+    let (status, answer) = server.chat(&question(false));
+    assert_eq!(status, 200, "{answer}");
+}

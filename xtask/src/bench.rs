@@ -223,9 +223,11 @@ pub fn bench_infer(options: &Options) -> anyhow::Result<()> {
                 name: format!("llama.cpp {}", quant.to_uppercase()),
                 command: Box::new(move || {
                     let mut cmd = Command::new("node");
+                    // Every core, as the other rows use (node-llama-cpp's 0 does not mean that).
+                    let threads = std::thread::available_parallelism().map_or(1, usize::from);
                     cmd.arg(&script).arg("--model").arg(&file).args([
                         "--threads",
-                        "0",
+                        &threads.to_string(),
                         "--decode-steps",
                         &steps,
                     ]);

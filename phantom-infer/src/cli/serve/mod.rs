@@ -257,6 +257,9 @@ fn run_engine(
         }
         metrics.engine(engine.stats());
         engine.step();
+        if engine.is_idle() {
+            metrics.engine(engine.stats());
+        }
     }
 }
 
