@@ -611,13 +611,14 @@ impl Filler<'_> {
         let data = part.data(entry);
         // Kept in the checkpoint's order: every tensor but a linear weight off flex.
         let keep_order = !linear || self.out_in;
-        let bytes = if keep_order && from == dtype && data.as_ptr() as usize % element == 0 {
-            part.shared(entry)
-        } else {
-            let converted = convert(data, from, dtype, &entry.shape, !keep_order);
-            part.release(entry);
-            converted
-        };
+        let bytes =
+            if keep_order && from == dtype && (data.as_ptr() as usize).is_multiple_of(element) {
+                part.shared(entry)
+            } else {
+                let converted = convert(data, from, dtype, &entry.shape, !keep_order);
+                part.release(entry);
+                converted
+            };
         if linear && self.out_in {
             let stored = TensorData::from_bytes(bytes, entry.shape.clone(), dtype);
             Some(Tensor::<D>::from_data(stored, (&self.device, dtype)).transpose())

@@ -14,7 +14,7 @@ const F16_REL_TOL: f32 = 0.01;
 fn f16_tracks_the_f32_reference() {
     let devices = half_precision_devices(Precision::F16);
     assert!(
-        devices.is_empty() == !cfg!(any(feature = "flex", feature = "wgpu", feature = "tch")),
+        devices.is_empty() != cfg!(any(feature = "flex", feature = "wgpu", feature = "tch")),
         "flex, wgpu and tch compute in f16"
     );
     for (name, device) in devices {

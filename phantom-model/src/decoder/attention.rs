@@ -96,6 +96,8 @@ pub struct SplitQkv {
 }
 
 /// How a backbone lays out its query, key and value projections.
+// One per layer, built once at load: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum QkvProjection {
     /// Three projections (Qwen2 `q_proj`, `k_proj`, `v_proj`).

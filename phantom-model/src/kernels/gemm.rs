@@ -175,6 +175,9 @@ fn blocked<W: Weight, const MR: usize, const NR: usize>(
     let per_task = n.div_ceil(threads.max(1)).div_ceil(NR) * NR;
     let tasks = n.div_ceil(per_task);
     let run = |t: usize| {
+        // Moves the whole `Send` wrapper into the closure: a closure would otherwise capture
+        // only its raw-pointer field, which is not `Send`.
+        #[allow(clippy::redundant_locals)]
         let out = out;
         let j_start = t * per_task;
         let j_end = n.min(j_start + per_task);

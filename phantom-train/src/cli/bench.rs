@@ -175,7 +175,7 @@ fn random_batch(model: &PhantomModel, args: &BenchArgs) -> anyhow::Result<Prefer
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let vocab = model.config.llm.vocab_size as u32;
-    let image = model.config.image_token_index as u32;
+    let image = model.config.image_token_index;
     let side = model.config.vision.image_size;
     let mut text = |n: usize| -> Vec<u32> {
         (0..n)
