@@ -427,10 +427,12 @@ fn stage_two_lora_trains_adapters_and_exports_plain_weights() {
     // Besides the adapters, only the projector and phantom modules train (as in stage 1).
     let trainable = |path: &str| path.starts_with("vision_proj.") || path.contains(".phantom.");
     for (path, old) in &before {
-        if !adapted.contains_key(path) && !path.contains("lora") && !trainable(path) {
-            if let Some(new) = after.get(path) {
-                assert_eq!(old, new, "{path} changed");
-            }
+        if !adapted.contains_key(path)
+            && !path.contains("lora")
+            && !trainable(path)
+            && let Some(new) = after.get(path)
+        {
+            assert_eq!(old, new, "{path} changed");
         }
     }
 }
@@ -545,4 +547,61 @@ fn the_shared_prompt_gives_the_loss_and_gradients_of_separate_rows() {
             separate_grads.len()
         );
     }
+}
+
+#[test]
+fn the_train_command_holds_out_a_split_and_runs_stage_two_with_sft() {
+    let s = setup(100);
+    let base = model(&s);
+    let model_dir = s.root.join("start");
+    phantom_train::trainer::export(&base, &s.root.join("tokenizer.json"), &model_dir)
+        .expect("a model folder");
+    let run = s.root.join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_phantom-train"))
+        .arg("train")
+        .arg("--model")
+        .arg(&model_dir)
+        .arg("--data")
+        .arg(s.root.join("data/train.jsonl"))
+        .arg("--out")
+        .arg(&run)
+        .args([
+            "--stage",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+        ])
+        .args(["--checkpoint-every", "2", "--plain", "--device", "flex"])
+        .output()
+        .expect("phantom-train runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // 2% of 100 triples, left out of training.
+    assert!(
+        stderr.contains("no --valid: 2 of the 100 triples are held out"),
+        "{stderr}"
+    );
+    // Stage 2 trains the LLM with plain SFT unless told otherwise.
+    assert!(stderr.contains("stage 2, objective sft"), "{stderr}");
+    load_model(run.join("model"), &s.device, LoadOptions::default()).expect("the export loads");
+
+    // Two devices for the demo are refused, not silently reduced to one.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_phantom-train"))
+        .args([
+            "demo", "--device", "flex", "--device", "flex", "--steps", "2",
+        ])
+        .arg("--out")
+        .arg(s.root.join("demo"))
+        .output()
+        .expect("phantom-train runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the demo trains on one device"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

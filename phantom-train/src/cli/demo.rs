@@ -14,7 +14,8 @@ pub struct DemoArgs {
     /// Output folder (data, tokenizer, runs, model, report.json).
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// Also train SFT-only and plain-attention variants at equal steps and seed.
+    /// Also train SFT-only and plain-attention variants at equal steps, each over several seeds,
+    /// and print mean ± std per variant with what the differences say.
     #[arg(long)]
     ablation: bool,
     /// Optimizer steps per variant.
@@ -32,6 +33,9 @@ pub struct DemoArgs {
     /// Seed of data, weights and order.
     #[arg(long, default_value_t = DemoOptions::default().seed)]
     seed: u64,
+    /// Runs per variant (seeds `--seed`, `--seed + 1`, …); default 3 with --ablation, else 1.
+    #[arg(long)]
+    seeds: Option<usize>,
     /// Training triples.
     #[arg(long, default_value_t = DemoOptions::default().train_size)]
     train_size: usize,
@@ -83,6 +87,10 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         lr: args.lr,
         eta: args.eta,
         seed: args.seed,
+        seeds: args
+            .seeds
+            .unwrap_or(if args.ablation { 3 } else { 1 })
+            .max(1),
         train_size: args.train_size,
         eval_size: args.eval_size,
         kinds,

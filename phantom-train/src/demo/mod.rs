@@ -44,8 +44,10 @@ pub struct DemoOptions {
     pub lr: f64,
     /// Phantom weight η of the "phantom on" variants.
     pub eta: f64,
-    /// Seed of data, initialisation and order (the same for every variant).
+    /// Seed of the data, and of initialisation and order in the first run of each variant.
     pub seed: u64,
+    /// Runs per variant, with initialisation and order seeds `seed`, `seed + 1`, …
+    pub seeds: usize,
     /// Training triples.
     pub train_size: usize,
     /// Held-out triples.
@@ -66,6 +68,7 @@ impl Default for DemoOptions {
             lr: 1e-3,
             eta: 1.0,
             seed: 7,
+            seeds: 1,
             train_size: 2000,
             eval_size: 200,
             kinds: Vec::new(),
@@ -122,6 +125,10 @@ pub struct DemoReport {
     pub sample_answer: String,
     /// The correct answer.
     pub sample_expected: String,
+    /// Whether the answer is right.
+    pub sample_correct: bool,
+    /// Mean and spread of each variant over its runs.
+    pub summary: Vec<VariantSummary>,
 }
 
 struct Variant {
@@ -197,91 +204,99 @@ pub fn run(options: &DemoOptions, device: &Device) -> Result<DemoReport> {
     let mut reports = Vec::new();
     let mut main_model = None;
     for variant in &variants {
-        let eta = if variant.phantom { options.eta } else { 0.0 };
-        let config = model::config(&tokenizer, eta)?;
-        device.seed(options.seed);
-        let mut phantom = PhantomModel::new(config, device);
-        small_embedding_init(&mut phantom);
-        let encoder = TripleEncoder::new(&phantom, tokenizer.clone(), 1)?;
-        let source = |triples| {
-            Arc::new(TripleSource {
-                triples,
-                encoder: encoder.clone(),
-            })
-        };
-        let valid_subset = eval_set.triples.iter().take(64).cloned().collect();
-        let run_config = TrainConfig {
-            out_dir: out.join("runs").join(variant.name),
-            stage: Stage::All,
-            loss: PreferenceLoss {
+        for run in 0..options.seeds.max(1) {
+            let seed = options.seed + run as u64;
+            let eta = if variant.phantom { options.eta } else { 0.0 };
+            let config = model::config(&tokenizer, eta)?;
+            device.seed(seed);
+            let mut phantom = PhantomModel::new(config, device);
+            small_embedding_init(&mut phantom);
+            let encoder = TripleEncoder::new(&phantom, tokenizer.clone(), 1)?;
+            let source = |triples| {
+                Arc::new(TripleSource {
+                    triples,
+                    encoder: encoder.clone(),
+                })
+            };
+            let valid_subset = eval_set.triples.iter().take(64).cloned().collect();
+            let run_config = TrainConfig {
+                out_dir: if options.seeds > 1 {
+                    out.join("runs")
+                        .join(format!("{}-seed{seed}", variant.name))
+                } else {
+                    out.join("runs").join(variant.name)
+                },
+                stage: Stage::All,
+                loss: PreferenceLoss {
+                    objective: variant.objective,
+                    ..PreferenceLoss::default()
+                },
+                lr: options.lr,
+                min_lr: options.lr / 20.0,
+                warmup_steps: (options.steps / 10).max(1).min(options.steps - 1),
+                steps: options.steps,
+                batch_size: options.batch_size,
+                accumulation: 1,
+                weight_decay: 0.01,
+                max_grad_norm: Some(1.0),
+                seed,
+                checkpoint_every: options.steps.div_ceil(2),
+                keep_checkpoints: 1,
+                dashboard: options.dashboard,
+                log_every: 25,
+                label: format!("demo {} (seed {seed})", variant.name),
+                ..TrainConfig::default()
+            };
+            // A rerun of the demo starts its variants afresh.
+            let run_dir = &run_config.out_dir;
+            if run_dir.exists() {
+                std::fs::remove_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+            }
+            let outcome = train(
+                phantom,
+                source(train_set.triples.clone()),
+                source(valid_subset),
+                &run_config,
+                std::slice::from_ref(device),
+            )?;
+            if outcome.interrupted {
+                return Err(TrainError::Training(format!(
+                    "variant {} was stopped before the end",
+                    variant.name
+                )));
+            }
+            let chat = Chat::new(outcome.model, tokenizer.clone())?;
+            let start = Instant::now();
+            let (accuracy, by_kind) = evaluate(&chat, &eval_samples)?;
+            let eval_seconds = start.elapsed().as_secs_f64();
+            let seen = &train_samples[..eval_samples.len().min(train_samples.len())];
+            let (train_accuracy, _) = evaluate(&chat, seen)?;
+            say(format!(
+                "{} (seed {seed}): held-out accuracy {:.1}% ({} questions; {:.1}% on as many \
+             training ones), trained in {:.0} s",
+                variant.name,
+                accuracy * 100.0,
+                eval_samples.len(),
+                train_accuracy * 100.0,
+                outcome.seconds
+            ));
+            reports.push(VariantReport {
+                name: variant.name.to_string(),
                 objective: variant.objective,
-                ..PreferenceLoss::default()
-            },
-            lr: options.lr,
-            min_lr: options.lr / 20.0,
-            warmup_steps: (options.steps / 10).max(1).min(options.steps - 1),
-            steps: options.steps,
-            batch_size: options.batch_size,
-            accumulation: 1,
-            weight_decay: 0.01,
-            max_grad_norm: Some(1.0),
-            seed: options.seed,
-            checkpoint_every: options.steps.div_ceil(2),
-            keep_checkpoints: 1,
-            dashboard: options.dashboard,
-            log_every: 25,
-            label: format!("demo {}", variant.name),
-            ..TrainConfig::default()
-        };
-        // A rerun of the demo starts its variants afresh.
-        let run_dir = &run_config.out_dir;
-        if run_dir.exists() {
-            std::fs::remove_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
-        }
-        let outcome = train(
-            phantom,
-            source(train_set.triples.clone()),
-            source(valid_subset),
-            &run_config,
-            std::slice::from_ref(device),
-        )?;
-        if outcome.interrupted {
-            return Err(TrainError::Training(format!(
-                "variant {} was stopped before the end",
-                variant.name
-            )));
-        }
-        let chat = Chat::new(outcome.model, tokenizer.clone())?;
-        let start = Instant::now();
-        let (accuracy, by_kind) = evaluate(&chat, &eval_samples)?;
-        let eval_seconds = start.elapsed().as_secs_f64();
-        let seen = &train_samples[..eval_samples.len().min(train_samples.len())];
-        let (train_accuracy, _) = evaluate(&chat, seen)?;
-        say(format!(
-            "{}: held-out accuracy {:.1}% ({} questions; {:.1}% on as many training ones), \
-             trained in {:.0} s",
-            variant.name,
-            accuracy * 100.0,
-            eval_samples.len(),
-            train_accuracy * 100.0,
-            outcome.seconds
-        ));
-        reports.push(VariantReport {
-            name: variant.name.to_string(),
-            objective: variant.objective,
-            phantom: variant.phantom,
-            eta,
-            steps: outcome.steps,
-            batch_size: options.batch_size,
-            seed: options.seed,
-            heldout_accuracy: accuracy,
-            accuracy_by_kind: by_kind,
-            train_accuracy,
-            train_seconds: outcome.seconds,
-            eval_seconds,
-        });
-        if main_model.is_none() {
-            main_model = Some(chat);
+                phantom: variant.phantom,
+                eta,
+                steps: outcome.steps,
+                batch_size: options.batch_size,
+                seed,
+                heldout_accuracy: accuracy,
+                accuracy_by_kind: by_kind,
+                train_accuracy,
+                train_seconds: outcome.seconds,
+                eval_seconds,
+            });
+            if main_model.is_none() {
+                main_model = Some(chat);
+            }
         }
     }
 
@@ -303,11 +318,13 @@ pub fn run(options: &DemoOptions, device: &Device) -> Result<DemoReport> {
         device: format!("{device:?}"),
         train_triples: train_samples.len(),
         heldout_triples: eval_samples.len(),
-        variants: reports,
         model_dir: model_dir.clone(),
         sample_question: sample.question.clone(),
         sample_answer: answer.trim().to_string(),
         sample_expected: sample.chosen.clone(),
+        sample_correct: sample.is_correct(&answer),
+        summary: summarize(&reports),
+        variants: reports,
     };
     write_report(&out.join("report.json"), &report)?;
     print_summary(&report, &image_path);
@@ -381,24 +398,151 @@ fn write_report(path: &Path, report: &DemoReport) -> Result<()> {
 fn print_summary(report: &DemoReport, image: &Path) {
     println!();
     println!(
-        "{:<14} {:>9} {:>8} {:>6} {:>10} {:>8}",
-        "variant", "objective", "phantom", "steps", "accuracy", "train s"
+        "{:<14} {:>9} {:>8} {:>5} {:>6} {:>10} {:>8}",
+        "variant", "objective", "phantom", "seed", "steps", "accuracy", "train s"
     );
     for v in &report.variants {
         println!(
-            "{:<14} {:>9} {:>8} {:>6} {:>9.1}% {:>8.0}",
+            "{:<14} {:>9} {:>8} {:>5} {:>6} {:>9.1}% {:>8.0}",
             v.name,
             v.objective.name(),
             if v.phantom { "on" } else { "off" },
+            v.seed,
             v.steps,
             v.heldout_accuracy * 100.0,
             v.train_seconds
         );
     }
+    let summary = summarize(&report.variants);
+    if summary.iter().any(|s| s.runs > 1) {
+        println!();
+        println!(
+            "{:<14} {:>5} {:>16}   per kind (mean)",
+            "variant", "runs", "held-out"
+        );
+        for s in &summary {
+            let kinds: Vec<String> = s
+                .by_kind
+                .iter()
+                .map(|(k, m)| format!("{k} {:.0}%", m * 100.0))
+                .collect();
+            println!(
+                "{:<14} {:>5} {:>7.1}% ± {:>4.1}   {}",
+                s.name,
+                s.runs,
+                s.mean * 100.0,
+                s.std * 100.0,
+                kinds.join(", ")
+            );
+        }
+        for line in reading(&summary) {
+            println!("{line}");
+        }
+    }
     println!();
     println!("model: {}", report.model_dir.display());
     println!("image: {}", image.display());
     println!("Q: {}", report.sample_question);
-    println!("A: {}", report.sample_answer);
+    println!(
+        "A: {} ({})",
+        report.sample_answer,
+        if report.sample_correct {
+            "right"
+        } else {
+            "wrong"
+        }
+    );
     println!("(expected: {})", report.sample_expected);
+}
+
+/// A variant's held-out accuracy over its runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantSummary {
+    /// Variant name.
+    pub name: String,
+    /// Runs (seeds).
+    pub runs: usize,
+    /// Mean held-out accuracy.
+    pub mean: f64,
+    /// Sample standard deviation over the runs (0 for one run).
+    pub std: f64,
+    /// Mean accuracy per question kind.
+    pub by_kind: Vec<(String, f64)>,
+}
+
+/// Mean and standard deviation of each variant's runs, in the order the variants ran.
+pub fn summarize(variants: &[VariantReport]) -> Vec<VariantSummary> {
+    let mut names: Vec<&str> = Vec::new();
+    for v in variants {
+        if !names.contains(&v.name.as_str()) {
+            names.push(&v.name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let runs: Vec<&VariantReport> = variants.iter().filter(|v| v.name == name).collect();
+            let n = runs.len() as f64;
+            let mean = runs.iter().map(|v| v.heldout_accuracy).sum::<f64>() / n;
+            let var = if runs.len() > 1 {
+                runs.iter()
+                    .map(|v| (v.heldout_accuracy - mean).powi(2))
+                    .sum::<f64>()
+                    / (n - 1.0)
+            } else {
+                0.0
+            };
+            let mut by_kind: Vec<(String, f64)> = Vec::new();
+            for (kind, _) in &runs[0].accuracy_by_kind {
+                let m = runs
+                    .iter()
+                    .filter_map(|v| v.accuracy_by_kind.iter().find(|(k, _)| k == kind))
+                    .map(|(_, a)| *a)
+                    .sum::<f64>()
+                    / n;
+                by_kind.push((kind.clone(), m));
+            }
+            VariantSummary {
+                name: name.to_string(),
+                runs: runs.len(),
+                mean,
+                std: var.sqrt(),
+                by_kind,
+            }
+        })
+        .collect()
+}
+
+/// What the ablation says: each comparison's difference of means against the spread of the
+/// runs (a difference within one standard deviation of either side is not a finding).
+pub fn reading(summary: &[VariantSummary]) -> Vec<String> {
+    let find = |name: &str| summary.iter().find(|s| s.name == name);
+    let mut lines = Vec::new();
+    for (what, a, b) in [
+        ("PO vs SFT (phantom on)", "po+phantom", "sft+phantom"),
+        ("phantom on vs off (PO)", "po+phantom", "po-plain"),
+    ] {
+        let (Some(a), Some(b)) = (find(a), find(b)) else {
+            continue;
+        };
+        let diff = a.mean - b.mean;
+        let spread = a.std.max(b.std);
+        let verdict = if a.runs < 2 || b.runs < 2 {
+            "one run each: no spread to judge it against"
+        } else if diff.abs() <= spread {
+            "within the spread of the seeds: no measurable difference"
+        } else if diff > 0.0 {
+            "larger than the spread of the seeds: the first is better here"
+        } else {
+            "larger than the spread of the seeds: the second is better here"
+        };
+        lines.push(format!(
+            "{what}: {:+.1} points ({:.1}% vs {:.1}%, largest std {:.1}) — {verdict}",
+            diff * 100.0,
+            a.mean * 100.0,
+            b.mean * 100.0,
+            spread * 100.0
+        ));
+    }
+    lines
 }
