@@ -14,7 +14,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{cargo, json_of, run, tch, web};
+use crate::{json_of, run, tch, web};
 
 /// What to measure.
 pub struct Options {
@@ -161,15 +161,7 @@ fn cell(reports: &[Value], key: &str, digits: usize) -> String {
 
 /// Runs the benchmark and prints the table.
 pub fn bench_infer(options: &Options) -> anyhow::Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--workspace",
-        "--features",
-        crate::TEST_FEATURES,
-        "--bins",
-    ]);
-    run(build, "building phantom-infer")?;
+    crate::build_bins("building phantom-infer")?;
     let bin = web::target_dir().join("debug/phantom-infer");
     std::fs::create_dir_all(bench_dir()).context("creating the bench folder")?;
     let f32_dir = checkpoint(&bin, "f32")?;

@@ -3,6 +3,7 @@
 mod bench;
 mod server;
 mod tch;
+mod test_dashboard;
 mod test_serve;
 mod test_web;
 mod web;
@@ -53,6 +54,9 @@ enum Task {
     /// `phantom-infer serve` with the demo model, driven by the official `openai` Python
     /// package (venv made once) and curl, with a load test of concurrent streaming clients.
     TestServe,
+    /// The demo's training dashboard in a 120x40 pseudo-terminal, rendered by the `pyte`
+    /// terminal emulator (venv made once): checks the PO metrics are drawn and saves the frame.
+    TestDashboard,
     /// The browser build: `phantom-wasm` for wasm32 in release, and its JavaScript glue from
     /// the `wasm-bindgen` CLI at the locked version (installed from crates.io if missing) in
     /// `phantom-wasm/web/pkg/`.
@@ -143,6 +147,43 @@ impl WebModel {
 
 /// The features of `cargo xtask test`: every CPU backend and wgpu, unified across the workspace.
 pub(crate) const TEST_FEATURES: &str = "phantom-tests/ndarray,phantom-tests/wgpu";
+
+/// Builds the workspace's binaries with the test features (the artifacts the tests share).
+pub(crate) fn build_bins(what: &str) -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--workspace",
+        "--features",
+        TEST_FEATURES,
+        "--bins",
+    ]);
+    run(build, what)
+}
+
+/// The Python of a venv under the target folder holding `package` (a pinned requirement),
+/// made once; `module` is what it imports.
+pub(crate) fn python_with(
+    venv: &str,
+    package: &str,
+    module: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let venv = web::target_dir().join(venv);
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let mut create = Command::new("python3");
+        create.args(["-m", "venv"]).arg(&venv);
+        run(create, &format!("creating {}", venv.display()))?;
+        let mut pip = Command::new(&python);
+        pip.args(["-m", "pip", "install", "--quiet", package]);
+        run(pip, &format!("installing {package}"))?;
+    }
+    Ok(python)
+}
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -241,6 +282,7 @@ fn main() -> anyhow::Result<()> {
             repeats,
         }),
         Task::TestServe => test_serve::test_serve(),
+        Task::TestDashboard => test_dashboard::test_dashboard(),
         Task::Wasm => web::build(),
         Task::ServeWeb { port, model } => {
             let (model, tokenizer) = model.resolve()?;

@@ -2,35 +2,16 @@
 //! clients its users have — the official `openai` Python package (in a venv made once) and
 //! curl — including a load test of concurrent streaming clients.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
 use crate::server::Server;
-use crate::{cargo, run, web};
+use crate::web;
 
 /// The `openai` release the test pins.
 const OPENAI: &str = "openai==3.57.0";
-
-/// A venv with the `openai` package, made once under the target folder.
-fn openai_python() -> anyhow::Result<PathBuf> {
-    let venv = web::target_dir().join("openai-venv");
-    let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
-        let mut create = Command::new("python3");
-        create.args(["-m", "venv"]).arg(&venv);
-        run(create, "creating the openai venv")?;
-        let mut pip = Command::new(&python);
-        pip.args(["-m", "pip", "install", "--quiet", OPENAI]);
-        run(pip, &format!("installing {OPENAI}"))?;
-    }
-    Ok(python)
-}
 
 fn curl(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("curl")
@@ -46,16 +27,8 @@ fn curl(args: &[&str]) -> anyhow::Result<String> {
 
 /// Runs the clients against a fresh server and closes with a pass/fail count.
 pub fn test_serve() -> anyhow::Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--workspace",
-        "--features",
-        crate::TEST_FEATURES,
-        "--bins",
-    ]);
-    run(build, "building phantom-infer")?;
-    let python = openai_python()?;
+    crate::build_bins("building phantom-infer")?;
+    let python = crate::python_with("openai-venv", OPENAI, "openai")?;
     let root = web::root();
     let model = root.join("tests/fixtures/demo_model");
     let image = model.join("square.png");
