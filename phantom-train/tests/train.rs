@@ -67,12 +67,21 @@ fn source(s: &Setup, model: &PhantomModel, triples: Vec<Triple>) -> Arc<TripleSo
 
 /// Every float parameter by path.
 fn params(model: &impl Module) -> HashMap<String, Vec<f32>> {
-    #[derive(Default)]
-    struct Collect {
+    collect(model, None)
+}
+
+/// Every float parameter (or, with `grads`, its gradient: zeros where the loss does not reach
+/// it) by path.
+fn collect(
+    model: &impl Module,
+    grads: Option<&burn::tensor::Gradients>,
+) -> HashMap<String, Vec<f32>> {
+    struct Collect<'g> {
+        grads: Option<&'g burn::tensor::Gradients>,
         path: Vec<String>,
         out: HashMap<String, Vec<f32>>,
     }
-    impl ModuleVisitor for Collect {
+    impl ModuleVisitor for Collect<'_> {
         fn enter_module(&mut self, name: &str, _container: &str) {
             self.path.push(name.to_string());
         }
@@ -80,8 +89,14 @@ fn params(model: &impl Module) -> HashMap<String, Vec<f32>> {
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let values = param
-                .val()
+            let value = param.val();
+            let tensor = match self.grads {
+                Some(grads) => value
+                    .grad(grads)
+                    .unwrap_or_else(|| value.inner().zeros_like()),
+                None => value,
+            };
+            let values = tensor
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
@@ -96,7 +111,11 @@ fn params(model: &impl Module) -> HashMap<String, Vec<f32>> {
             self.out.insert(key, values);
         }
     }
-    let mut c = Collect::default();
+    let mut c = Collect {
+        grads,
+        path: Vec::new(),
+        out: HashMap::new(),
+    };
     model.visit(&mut c);
     c.out
 }
@@ -437,49 +456,6 @@ fn stage_two_lora_trains_adapters_and_exports_plain_weights() {
     }
 }
 
-/// Every float parameter's gradient by path (zeros for parameters the loss does not reach).
-fn gradients(model: &impl Module, grads: &burn::tensor::Gradients) -> HashMap<String, Vec<f32>> {
-    struct Collect<'g> {
-        grads: &'g burn::tensor::Gradients,
-        path: Vec<String>,
-        out: HashMap<String, Vec<f32>>,
-    }
-    impl ModuleVisitor for Collect<'_> {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let value = param.val();
-            let grad = value
-                .grad(self.grads)
-                .unwrap_or_else(|| value.inner().zeros_like());
-            let values = grad
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32");
-            let key = self
-                .path
-                .iter()
-                .filter(|p| !p.is_empty())
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(".");
-            self.out.insert(key, values);
-        }
-    }
-    let mut c = Collect {
-        grads,
-        path: Vec::new(),
-        out: HashMap::new(),
-    };
-    model.visit(&mut c);
-    c.out
-}
-
 #[test]
 fn the_shared_prompt_gives_the_loss_and_gradients_of_separate_rows() {
     use phantom_train::batch::{answer_logps, answer_logps_unshared};
@@ -511,7 +487,7 @@ fn the_shared_prompt_gives_the_loss_and_gradients_of_separate_rows() {
             let terms = loss.compute(&logps);
             let value = terms.loss.clone().into_scalar::<f64>();
             let grads = terms.loss.backward();
-            (value, gradients(&model, &grads))
+            (value, collect(&model, Some(&grads)))
         };
         let (shared, shared_grads) = run(true);
         let (separate, separate_grads) = run(false);
