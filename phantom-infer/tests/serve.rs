@@ -322,6 +322,13 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
             400,
             "invalid_value",
         ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "num_beams": 100_000})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid_value",
+        ),
         (vec![b'x'; 2 << 20], 413, "request_too_large"),
     ];
     for (body, status, code) in cases {

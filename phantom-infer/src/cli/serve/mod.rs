@@ -425,6 +425,9 @@ async fn chat_completions(State(state): State<Shared>, request: Request) -> Resp
     }
 }
 
+/// Widest beam search a request may ask for (the paper evaluates with 3).
+const MAX_BEAMS: usize = 8;
+
 /// Reads, parses and checks a request, and prepares its pictures and ids.
 async fn prepare(state: &Shared, request: Request) -> Result<Prepared, ApiError> {
     let body = axum::body::to_bytes(request.into_body(), state.max_body)
@@ -552,6 +555,13 @@ async fn prepare(state: &Shared, request: Request) -> Result<Prepared, ApiError>
             .unwrap_or("messages");
         ApiError::invalid(param, text)
     })?;
+    if config.num_beams > MAX_BEAMS {
+        // Each beam is a row of the KV cache: the width is bounded like any other request size.
+        return Err(ApiError::invalid(
+            "num_beams",
+            format!("num_beams must be at most {MAX_BEAMS}"),
+        ));
+    }
     let stops = req.stop.map(openai::Stop::into_vec).unwrap_or_default();
     if stops.len() > 4 || stops.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
