@@ -28,10 +28,15 @@ pub struct LayerCache {
 
 impl LayerCache {
     /// A cache holding `k` and `v` (`[B, H_kv, T, 2d]`), with room for `reserve` positions in
-    /// all (at least `T` plus some headroom).
+    /// all when given (at least `T`), else for `T` plus some headroom.
     pub fn new(k: Tensor<4>, v: Tensor<4>, phantom: PhantomVectors, reserve: usize) -> Self {
         let [b, h, t, w] = k.dims();
-        let capacity = reserve.max(t + HEADROOM);
+        // A known length (a generation, a training step) gets exactly its room.
+        let capacity = if reserve > 0 {
+            reserve.max(t)
+        } else {
+            t + HEADROOM
+        };
         let buffer = |like: &Tensor<4>| {
             Tensor::<4>::zeros([b, h, capacity, w], (&like.device(), like.dtype()))
         };
