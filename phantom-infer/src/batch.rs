@@ -109,7 +109,12 @@ struct VisionCache {
 }
 
 impl VisionCache {
-    fn get_or_encode(&mut self, model: &PhantomModel, pixels: &PixelValues) -> Result<Tensor<3>> {
+    /// The vision tokens of `pixels`, and whether they came from the cache.
+    fn get_or_encode(
+        &mut self,
+        model: &PhantomModel,
+        pixels: &PixelValues,
+    ) -> Result<(Tensor<3>, bool)> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         pixels.num_tiles.hash(&mut hasher);
@@ -121,13 +126,9 @@ impl VisionCache {
             let tokens = tokens.clone();
             self.order.retain(|k| *k != key);
             self.order.push_back(key);
-            return Ok(tokens);
+            return Ok((tokens, true));
         }
-        let tensor = Tensor::<4>::from_data(
-            TensorData::new(pixels.data.clone(), pixels.shape()),
-            &model.device(),
-        );
-        let tokens = model.encode_images(tensor)?;
+        let tokens = model.encode_images(pixels.to_tensor(&model.device()))?;
         let bytes = tokens.shape().num_elements() * tokens.dtype().size();
         if bytes <= self.budget {
             while self.used + bytes > self.budget {
@@ -142,7 +143,7 @@ impl VisionCache {
             self.order.push_back(key);
             self.used += bytes;
         }
-        Ok(tokens)
+        Ok((tokens, false))
     }
 }
 
@@ -257,12 +258,11 @@ impl<'m> Engine<'m> {
         let Some(pixels) = &job.pixels else {
             return Ok(None);
         };
-        let before = self.vision.entries.len();
-        let tokens = self.vision.get_or_encode(self.model, pixels)?;
-        if self.vision.entries.len() > before || self.vision.budget == 0 {
-            self.stats.vision_runs += 1;
-        } else {
+        let (tokens, hit) = self.vision.get_or_encode(self.model, pixels)?;
+        if hit {
             self.stats.vision_hits += 1;
+        } else {
+            self.stats.vision_runs += 1;
         }
         Ok(Some(tokens))
     }

@@ -78,10 +78,7 @@ impl Chat {
 
     /// Pixel tiles as a device tensor.
     pub fn pixel_tensor(&self, pixels: &PixelValues) -> Tensor<4> {
-        Tensor::from_data(
-            TensorData::new(pixels.data.clone(), pixels.shape()),
-            &self.model.device(),
-        )
+        pixels.to_tensor(&self.model.device())
     }
 
     /// Stop tokens: the config's eos ids and the template's end token.

@@ -273,19 +273,11 @@ fn encode_tiles(
     batch: &PreferenceBatch,
     twice: bool,
 ) -> Result<Option<Tensor<3>>> {
-    let tiles: Vec<&PixelValues> = batch
-        .items
-        .iter()
-        .filter_map(|i| i.pixels.as_ref())
-        .collect();
-    if tiles.is_empty() {
+    let Some(tiles) = PixelValues::concat(batch.items.iter().filter_map(|i| i.pixels.as_ref()))
+    else {
         return Ok(None);
-    }
-    let side = tiles[0].tile_size;
-    let n: usize = tiles.iter().map(|p| p.num_tiles).sum();
-    let data: Vec<f32> = tiles.iter().flat_map(|p| p.data.iter().copied()).collect();
-    let pixels = Tensor::<4>::from_data(TensorData::new(data, [n, 3, side, side]), &model.device());
-    let v = model.encode_images(pixels)?;
+    };
+    let v = model.encode_images(tiles.to_tensor(&model.device()))?;
     Ok(Some(if twice {
         Tensor::cat(vec![v.clone(), v], 0)
     } else {

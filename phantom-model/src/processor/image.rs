@@ -138,6 +138,29 @@ impl PixelValues {
     pub fn shape(&self) -> [usize; 4] {
         [self.num_tiles, 3, self.tile_size, self.tile_size]
     }
+
+    /// The tiles of several pictures, in order, as one set (`None` when there are none).
+    pub fn concat<'a>(pictures: impl IntoIterator<Item = &'a PixelValues>) -> Option<Self> {
+        let mut all: Option<Self> = None;
+        for p in pictures {
+            match all.as_mut() {
+                None => all = Some(p.clone()),
+                Some(all) => {
+                    all.data.extend_from_slice(&p.data);
+                    all.num_tiles += p.num_tiles;
+                }
+            }
+        }
+        all
+    }
+
+    /// The tiles as a `[num_tiles, 3, side, side]` tensor on `device`.
+    pub fn to_tensor(&self, device: &burn::prelude::Device) -> burn::prelude::Tensor<4> {
+        burn::prelude::Tensor::from_data(
+            burn::tensor::TensorData::new(self.data.clone(), self.shape()),
+            device,
+        )
+    }
 }
 
 /// Configuration of the dynamic-tiling preprocessor.

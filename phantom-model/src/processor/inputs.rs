@@ -59,19 +59,11 @@ impl InputProcessor {
 
     /// [`InputProcessor::pictures`] with another tiling (a request's own tile budget, say).
     pub fn pictures_with(&self, processor: &ImageProcessor, images: &[RgbImage]) -> Pictures {
-        let mut pictures = Pictures::default();
-        for image in images {
-            let p = processor.preprocess(image);
-            pictures.tiles_per_image.push(p.num_tiles);
-            pictures.pixels = Some(match pictures.pixels.take() {
-                None => p,
-                Some(mut all) => {
-                    all.data.extend(p.data);
-                    all.num_tiles += p.num_tiles;
-                    all
-                }
-            });
-        }
+        let tiles: Vec<PixelValues> = images.iter().map(|i| processor.preprocess(i)).collect();
+        let mut pictures = Pictures {
+            tiles_per_image: tiles.iter().map(|p| p.num_tiles).collect(),
+            pixels: PixelValues::concat(&tiles),
+        };
         if let Some(p) = pictures.pixels.as_mut().filter(|_| self.bf16_pixels) {
             round_to_bf16(&mut p.data);
         }
