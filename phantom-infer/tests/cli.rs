@@ -13,23 +13,7 @@ fn demo_model() -> PathBuf {
 }
 
 fn ask(dtype: &str) -> Value {
-    let model = demo_model();
-    let image = model.join("square.png");
-    let out = phantom_infer(&[
-        "chat",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--prompt",
-        "What colour is the square?",
-        "--device",
-        "flex",
-        "--dtype",
-        dtype,
-        "--json",
-        "--quiet",
-    ]);
+    let out = common::ask_demo(&["--dtype", dtype, "--quiet"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

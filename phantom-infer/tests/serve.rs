@@ -152,22 +152,7 @@ fn the_server_answers_like_the_chat_command() {
     assert_eq!(models["data"][0]["id"], "demo_model");
 
     // What the chat command answers.
-    let image = common::fixtures().join("demo_model/square.png");
-    let model = common::fixtures().join("demo_model");
-    let out = common::phantom_infer(&[
-        "chat",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--prompt",
-        "What colour is the square?",
-        "--device",
-        "flex",
-        "--json",
-        "--max-new-tokens",
-        "16",
-    ]);
+    let out = common::ask_demo(&["--max-new-tokens", "16"]);
     assert!(
         out.status.success(),
         "{}",

@@ -63,59 +63,40 @@ fn gemm_speed() {
         std::hint::black_box(matmul(&x, m, k, &w, n));
         let t = start.elapsed().as_secs_f64();
         println!("kernels::gemm f32: {:.1} GFLOP/s", flops / t / 1e9);
+        // The `gemm` crate on the same product, for comparison.
         let mut y = vec![0.0f32; m * n];
-        let start = Instant::now();
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(2),
-            );
+        for (name, parallelism) in [
+            ("rayon 2", gemm::Parallelism::Rayon(2)),
+            ("1 thread", gemm::Parallelism::None),
+        ] {
+            let start = Instant::now();
+            // SAFETY: `y` is [m, n], `x` [m, k] and `w` [n, k] row-major, as the strides say.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    y.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            let t = start.elapsed().as_secs_f64();
+            println!("gemm f32 ({name}): {:.1} GFLOP/s", flops / t / 1e9);
         }
-        let t = start.elapsed().as_secs_f64();
-        println!("gemm f32 (rayon 2): {:.1} GFLOP/s", flops / t / 1e9);
-        let start = Instant::now();
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        let t = start.elapsed().as_secs_f64();
-        println!("gemm f32 (1 thread): {:.1} GFLOP/s", flops / t / 1e9);
         // Weight as [k, n] row-major (Burn's default layout).
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         let start = Instant::now();

@@ -18,6 +18,8 @@ pub mod phantom;
 pub mod presets;
 pub mod processor;
 pub mod projector;
+#[cfg(test)]
+mod testing;
 pub mod vision;
 pub mod weights;
 

@@ -121,15 +121,19 @@ def main():
                 tokens = chunk.usage.completion_tokens
         results[i] = ("".join(pieces), time.perf_counter() - start, first, tokens)
 
-    def load(clients, expect):
+    def at_once(target, clients):
+        """Runs `target(results, i)` from `clients` threads at once: results and wall time."""
         results = [None] * clients
-        threads = [threading.Thread(target=one, args=(results, i)) for i in range(clients)]
+        threads = [threading.Thread(target=target, args=(results, i)) for i in range(clients)]
         start = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        wall = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+    def load(clients, expect):
+        results, wall = at_once(one, clients)
         latencies = sorted(r[1] for r in results)
         tokens = sum(r[3] for r in results)
         good = all(r[0] == expect and r[3] == load_tokens for r in results)
@@ -164,14 +168,7 @@ def main():
         whole(results, i)
     in_a_row = time.perf_counter() - start
     check("16 in a row answer alike", all(r == expect for r in results), repr(set(results)))
-    results = [None] * 16
-    threads = [threading.Thread(target=whole, args=(results, i)) for i in range(16)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    concurrent = time.perf_counter() - start
+    results, concurrent = at_once(whole, 16)
     check("16 at once answer alike", all(r == expect for r in results), repr(set(results)))
     report["sixteen_in_a_row_s"] = round(in_a_row, 3)
     report["sixteen_concurrent_s"] = round(concurrent, 3)

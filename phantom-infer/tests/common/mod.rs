@@ -16,3 +16,27 @@ pub fn phantom_infer(args: &[&str]) -> Output {
         .output()
         .expect("the phantom-infer binary runs")
 }
+
+/// `phantom-infer chat --json` on the trained demo model, asked the colour of the square in
+/// its own picture, on flex, with `extra` options.
+// Not every test binary that shares this module asks the demo model.
+#[allow(dead_code)]
+pub fn ask_demo(extra: &[&str]) -> Output {
+    let model = fixtures().join("demo_model");
+    let image = model.join("square.png");
+    let (model, image) = (model.display().to_string(), image.display().to_string());
+    let mut args = vec![
+        "chat",
+        "--model",
+        &model,
+        "--image",
+        &image,
+        "--prompt",
+        "What colour is the square?",
+        "--device",
+        "flex",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    phantom_infer(&args)
+}

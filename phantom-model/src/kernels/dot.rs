@@ -331,32 +331,7 @@ pub fn matvec_serial<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// `x · wᵀ` in f64, `w` given as f32 values.
-    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                let dot: f64 = (0..k)
-                    .map(|i| f64::from(x[r * k + i]) * f64::from(w[j * k + i]))
-                    .sum();
-                y[r * n + j] = dot as f32;
-            }
-        }
-        y
-    }
+    use crate::testing::{values, x_wt as reference};
 
     fn worst(got: &[f32], want: &[f32]) -> f32 {
         assert_eq!(got.len(), want.len());

@@ -447,30 +447,7 @@ mod tests {
     use half::{bf16, f16};
 
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn reference(a: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-        let mut c = vec![0.0f32; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                c[r * n + j] = (0..k)
-                    .map(|i| f64::from(a[r * k + i]) * f64::from(w[j * k + i]))
-                    .sum::<f64>() as f32;
-            }
-        }
-        c
-    }
+    use crate::testing::{values, x_wt as reference};
 
     fn worst(got: &[f32], want: &[f32]) -> f32 {
         got.iter().zip(want).fold(0.0f32, |m, (g, w)| {

@@ -1,0 +1,29 @@
+//! What the unit tests of the kernels and linear layers share: deterministic inputs and an f64
+//! reference product.
+
+/// `n` deterministic values in [-1, 1) from `seed`.
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// `x · wᵀ` in f64: `x` `[m, k]`, `w` `[n, k]` (rows of outputs), result `[m, n]`.
+pub fn x_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|i| f64::from(x[r * k + i]) * f64::from(w[j * k + i]))
+                .sum();
+            y[r * n + j] = dot as f32;
+        }
+    }
+    y
+}
