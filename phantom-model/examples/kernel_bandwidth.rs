@@ -63,14 +63,25 @@ fn gemm_speed() {
         std::hint::black_box(matmul(&x, m, k, &w, n));
         let t = start.elapsed().as_secs_f64();
         println!("kernels::gemm f32: {:.1} GFLOP/s", flops / t / 1e9);
-        // The `gemm` crate on the same product, for comparison.
+        // The `gemm` crate on the same product, for comparison: the weight as [n, k] (the
+        // checkpoints' order) and as [k, n] row-major (Burn's default layout).
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         let mut y = vec![0.0f32; m * n];
-        for (name, parallelism) in [
-            ("rayon 2", gemm::Parallelism::Rayon(2)),
-            ("1 thread", gemm::Parallelism::None),
+        // (name, weight, its column stride, its row stride, threads), as `gemm` takes them.
+        for (name, weight, cs, rs, parallelism) in [
+            ("rayon 2", &w, k as isize, 1, gemm::Parallelism::Rayon(2)),
+            ("1 thread", &w, k as isize, 1, gemm::Parallelism::None),
+            (
+                "[k, n] weight, rayon 2",
+                &wt,
+                1,
+                n as isize,
+                gemm::Parallelism::Rayon(2),
+            ),
         ] {
             let start = Instant::now();
-            // SAFETY: `y` is [m, n], `x` [m, k] and `w` [n, k] row-major, as the strides say.
+            // SAFETY: `y` is [m, n] and `x` [m, k] row-major; `weight` holds k·n values laid
+            // out with the given column and row strides.
             unsafe {
                 gemm::gemm(
                     m,
@@ -83,9 +94,9 @@ fn gemm_speed() {
                     x.as_ptr(),
                     1,
                     k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
+                    weight.as_ptr(),
+                    cs,
+                    rs,
                     0.0,
                     1.0,
                     false,
@@ -97,36 +108,5 @@ fn gemm_speed() {
             let t = start.elapsed().as_secs_f64();
             println!("gemm f32 ({name}): {:.1} GFLOP/s", flops / t / 1e9);
         }
-        // Weight as [k, n] row-major (Burn's default layout).
-        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-        let start = Instant::now();
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                wt.as_ptr(),
-                1,
-                n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(2),
-            );
-        }
-        let t = start.elapsed().as_secs_f64();
-        println!(
-            "gemm f32 [k, n] weight (rayon 2): {:.1} GFLOP/s",
-            flops / t / 1e9
-        );
     }
 }

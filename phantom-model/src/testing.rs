@@ -27,3 +27,16 @@ pub fn x_wt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     }
     y
 }
+
+/// Largest |got − want|; NaN when either holds a NaN.
+pub fn worst(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        let d = (g - w).abs();
+        if m.is_nan() || d.is_nan() {
+            f32::NAN
+        } else {
+            m.max(d)
+        }
+    })
+}

@@ -331,19 +331,7 @@ pub fn matvec_serial<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{values, x_wt as reference};
-
-    fn worst(got: &[f32], want: &[f32]) -> f32 {
-        assert_eq!(got.len(), want.len());
-        got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
-            let d = (g - w).abs();
-            if m.is_nan() || d.is_nan() {
-                f32::NAN
-            } else {
-                m.max(d)
-            }
-        })
-    }
+    use crate::testing::{values, worst, x_wt as reference};
 
     /// Odd sizes exercise the lane tails, the widening blocks and uneven task splits.
     const SHAPES: [(usize, usize, usize); 7] = [

@@ -447,18 +447,7 @@ mod tests {
     use half::{bf16, f16};
 
     use super::*;
-    use crate::testing::{values, x_wt as reference};
-
-    fn worst(got: &[f32], want: &[f32]) -> f32 {
-        got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
-            let d = (g - w).abs();
-            if m.is_nan() || d.is_nan() {
-                f32::NAN
-            } else {
-                m.max(d)
-            }
-        })
-    }
+    use crate::testing::{values, worst, x_wt as reference};
 
     #[test]
     fn blocked_products_equal_the_f64_product() {
