@@ -10,6 +10,11 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/phantom-ref")
 }
 
+/// `tests/fixtures/{name}`: the fixtures made here rather than copied from the shared set.
+pub fn own_fixtures(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
 /// A safetensors file read whole into memory.
 pub struct Tensors {
     bytes: Vec<u8>,
@@ -38,6 +43,13 @@ impl Tensors {
 
     fn view(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).unwrap_or_else(|e| panic!("{}: {e}", self.name))
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.view().names().into_iter().map(str::to_string).collect();
+        names.sort();
+        names
     }
 
     /// Whether `key` is present.
