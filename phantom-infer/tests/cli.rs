@@ -1,5 +1,5 @@
 //! The `phantom-infer` binary as a user runs it: `chat --json` on the trained demo model, in f32
-//! and in bf16, and the errors a mistyped option or a wrong folder gives (never a panic).
+//! and in bf16, quantized folders, and the errors a mistyped option or a wrong folder gives (never a panic).
 
 mod common;
 
@@ -41,6 +41,63 @@ fn chat_json_answers_in_f32_and_bf16() {
         assert_eq!(timings["prompt_tokens"], 31, "{dtype}");
         assert_eq!(timings["decode_tokens"], 5, "{dtype}");
     }
+}
+
+/// The answer of `chat --json` on `model` (with `extra` options).
+fn answer(model: &str, extra: &[&str]) -> String {
+    let image = demo_model().join("square.png");
+    let mut args = vec![
+        "chat",
+        "--model",
+        model,
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What colour is the square?",
+        "--device",
+        "flex",
+        "--json",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let out = phantom_infer(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reply: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    reply["answer"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_quantized_folder_answers_as_the_model_quantized_at_load() {
+    let model = demo_model();
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for scheme in ["q8", "q4"] {
+        let out_dir = dir.path().join(scheme);
+        let out = out_dir.to_str().unwrap();
+        let run = phantom_infer(&["quantize", "--model", model, "--out", out, "--scheme", scheme]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        // The tokenizer and the other files come along.
+        assert!(out_dir.join("tokenizer.json").exists() && out_dir.join("square.png").exists());
+        let from_folder = answer(out, &[]);
+        let at_load = answer(model, &["--quantize", scheme]);
+        assert_eq!(from_folder, at_load, "{scheme}");
+        if scheme == "q8" {
+            assert_eq!(from_folder, "The square is red.");
+        }
+        // The folder is not written over by accident.
+        let again = phantom_infer(&["quantize", "--model", model, "--out", out, "--scheme", scheme]);
+        assert_eq!(again.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert!(err.contains("--overwrite"), "{err}");
+    }
+    let out = phantom_infer(&["quantize", "--model", model, "--out", model, "--scheme", "q8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("another folder"), "{err}");
+    let out = phantom_infer(&["chat", "--model", model, "--prompt", "hi", "--quantize", "q3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown quantization scheme `q3`"), "{err}");
 }
 
 #[test]

@@ -187,6 +187,9 @@ pub struct PhantomConfig {
     pub eos_token_ids: Vec<u32>,
     /// Weight η of the phantom branch.
     pub phantom_eta: f64,
+    /// How the linear weights are quantized, in a quantized folder
+    /// ([`crate::quantize`]); `None` for float weights.
+    pub quantization: Option<crate::quantize::QuantizationConfig>,
     /// The parsed file, kept so that saving writes back every field the user had.
     pub raw: serde_json::Value,
 }
@@ -250,6 +253,7 @@ impl PhantomConfig {
             image_token_index: file.image_token_index,
             eos_token_ids,
             phantom_eta,
+            quantization: file.quantization.map(|q| q.validate()).transpose()?,
             raw,
         })
     }
@@ -261,6 +265,19 @@ impl PhantomConfig {
             && (self.phantom_eta != DEFAULT_PHANTOM_ETA || obj.contains_key("phantom_eta"))
         {
             obj.insert("phantom_eta".into(), self.phantom_eta.into());
+        }
+        if let Some(obj) = raw.as_object_mut() {
+            match &self.quantization {
+                Some(q) => {
+                    obj.insert(
+                        "quantization".into(),
+                        serde_json::to_value(q).unwrap_or_default(),
+                    );
+                }
+                None => {
+                    obj.remove("quantization");
+                }
+            }
         }
         raw
     }
@@ -281,6 +298,8 @@ struct RawConfig {
     downsample_ratio: f64,
     image_token_index: u32,
     eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    quantization: Option<crate::quantize::QuantizationConfig>,
     phantom_eta: Option<f64>,
 }
 

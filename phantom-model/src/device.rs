@@ -190,6 +190,7 @@ pub fn load_options(device: &Device, precision: Precision) -> crate::LoadOptions
         crate::LoadOptions {
             dtype: DType::F32,
             weights: Some(precision.dtype()),
+            quantize: None,
         }
     } else {
         crate::LoadOptions::uniform(precision.dtype())

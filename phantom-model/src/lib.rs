@@ -18,6 +18,7 @@ pub mod phantom;
 pub mod presets;
 pub mod processor;
 pub mod projector;
+pub mod quantize;
 #[cfg(test)]
 mod testing;
 pub mod vision;
@@ -28,6 +29,6 @@ pub use config::PhantomConfig;
 pub use error::{PhantomError, Result};
 pub use model::{ModelInput, PhantomModel};
 pub use weights::{
-    LoadOptions, WeightLoader, cast_parameters, load_model, load_model_with_progress, save_model,
+    LoadOptions, WeightLoader, cast_parameters, quantize_parameters, load_model, load_model_with_progress, save_model,
     save_model_as, split_into_shards,
 };

@@ -92,7 +92,16 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let rows: usize = dims[..D - 1].iter().product();
     let weight = layer.weight.val();
     let n = weight.dims()[1];
-    let y = product(x.reshape([rows, k]), weight.transpose());
+    let x = x.reshape([rows, k]);
+    // A quantized weight is read as it lies: transposing it would re-quantize it.
+    #[cfg(feature = "cpu-kernels")]
+    let quantized = crate::kernels::quantized_rows(&x, &weight);
+    #[cfg(not(feature = "cpu-kernels"))]
+    let quantized: Option<Tensor<2>> = None;
+    let y = match quantized {
+        Some(y) => y,
+        None => product(x, weight.transpose()),
+    };
     let y = match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,

@@ -13,6 +13,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid, softmax};
 
+use crate::linear::linear as project;
+
 /// Attention *across heads*: every head of every token attends over the heads of the phantom
 /// token (not over the sequence). Four bias-free `d × d` projections, exact GELUs throughout.
 #[derive(Module, Debug)]
@@ -52,12 +54,12 @@ impl XAttention {
         let hc = c.dims()[2];
         // The phantom token is shared by every position of a row, so the per-token products
         // are plain batched matmuls over the flattened (position, head) axis.
-        let q = gelu(self.linear_q.forward(a)).reshape([b, s * h, d]);
-        let k = gelu(self.linear_k.forward(c.clone())).reshape([b, hc, d]);
-        let v = gelu(self.linear_v.forward(c)).reshape([b, hc, d]);
+        let q = gelu(project(&self.linear_q, a)).reshape([b, s * h, d]);
+        let k = gelu(project(&self.linear_k, c.clone())).reshape([b, hc, d]);
+        let v = gelu(project(&self.linear_v, c)).reshape([b, hc, d]);
         let scores = q.matmul(k.swap_dims(1, 2)).div_scalar((d as f64).sqrt());
         let mixed = softmax(scores, 2).matmul(v).reshape([b, s, h, d]);
-        gelu(self.linear_o.forward(mixed))
+        gelu(project(&self.linear_o, mixed))
     }
 }
 

@@ -25,6 +25,7 @@ use crate::config::{Backbone, PhantomConfig};
 use crate::decoder::{internlm2, phi3, qwen2};
 use crate::error::{PhantomError, Result};
 use crate::model::PhantomModel;
+use crate::quantize::{self, Quantization, QuantizationConfig};
 
 /// Name of the single-file checkpoint.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -178,6 +179,9 @@ pub struct LoadOptions {
     /// differs from `dtype`: on flex, half-precision weights that the CPU kernels read as they
     /// are, with f32 arithmetic around them.
     pub weights: Option<DType>,
+    /// Quantize the linear weights while loading ([`crate::quantize`]); a quantized folder
+    /// is loaded as it was quantized whatever this says, and refuses another scheme.
+    pub quantize: Option<QuantizationConfig>,
 }
 
 impl Default for LoadOptions {
@@ -185,6 +189,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             weights: None,
+            quantize: None,
         }
     }
 }
@@ -194,7 +199,16 @@ impl LoadOptions {
     pub fn uniform(dtype: DType) -> Self {
         Self {
             dtype,
-            weights: None,
+            ..Self::default()
+        }
+    }
+
+    /// These options with the linear weights quantized as `scheme` while loading.
+    #[must_use]
+    pub fn quantized(self, scheme: Option<Quantization>) -> Self {
+        Self {
+            quantize: scheme.map(|q| QuantizationConfig::new(q, false)),
+            ..self
         }
     }
 }
@@ -217,6 +231,16 @@ pub fn load_model_with_progress(
 ) -> Result<PhantomModel> {
     let dir = dir.as_ref();
     let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
+    if let (Some(stored), Some(wanted)) = (config.quantization, options.quantize)
+        && stored.scheme != wanted.scheme
+    {
+        return Err(PhantomError::Config(format!(
+            "{} is already quantized as {}; it cannot be loaded as {} (quantize the float folder instead)",
+            dir.display(),
+            stored.scheme,
+            wanted.scheme
+        )));
+    }
     let files = weight_files(dir)?;
     let total: u64 = files
         .iter()
@@ -542,7 +566,7 @@ impl ModuleMapper for Caster {
         let (_, dtype, role) = self.walk.locate(self.backbone, self.options);
         let out_in = self.out_in && role == Role::LinearWeight && D == 2;
         param.map(|t| {
-            if t.dtype() == dtype {
+            if t.dtype() == dtype || matches!(t.dtype(), DType::QFloat(_)) {
                 t
             } else if out_in {
                 t.transpose().cast(dtype).transpose()
@@ -560,6 +584,10 @@ struct Filler<'a> {
     out_in: bool,
     part: Option<&'a Part>,
     walk: Walk,
+    /// How linear weights are quantized (stored so, or asked for at load).
+    quantization: Option<QuantizationConfig>,
+    /// Whether the device multiplies quantized weights (else they load dequantized).
+    native_quantized: bool,
     /// Every parameter's official key and the shape it must have there.
     expected: BTreeMap<String, Vec<usize>>,
     /// Keys of the part that filled a parameter.
@@ -581,6 +609,11 @@ impl Filler<'_> {
         let part = self.part?;
         let entry = part.entries.get(key)?;
         self.used.insert(key.to_string());
+        let scale_key = format!("{key}{SCALE_SUFFIX}");
+        if let Some(scales) = part.entries.get(&scale_key) {
+            self.used.insert(scale_key);
+            return self.build_quantized(key, entry, scales, dtype, want);
+        }
         let Some(from) = float_dtype(entry.dtype) else {
             self.problems.push(format!(
                 "{key}: dtype {:?} is not a float type (F32, F16 or BF16)",
@@ -607,6 +640,24 @@ impl Filler<'_> {
             ));
             return None;
         }
+        if let Some(q) = self.quantization
+            && quantizes(self.quantization, key, role, want)
+        {
+            // Quantized from f32 in the checkpoint's [out, in] order.
+            let bytes = convert(part.data(entry), from, DType::F32, &entry.shape, false);
+            part.release(entry);
+            let values: Vec<f32> = typed::<f32>(&bytes).into_owned();
+            let shape = [entry.shape[0], entry.shape[1]];
+            return Some(place_quantized(
+                &self.device,
+                self.out_in,
+                self.native_quantized,
+                HostWeight::Values(values),
+                shape,
+                q.scheme,
+                dtype,
+            ));
+        }
         let element = dtype.size();
         let data = part.data(entry);
         // Kept in the checkpoint's order: every tensor but a linear weight off flex.
@@ -628,6 +679,216 @@ impl Filler<'_> {
         }
     }
 }
+
+impl Filler<'_> {
+    /// A weight stored quantized: codes `entry` and block scales `scales`, checked against the
+    /// config and the model, then quantized on the device (or dequantized where the device has
+    /// no quantized arithmetic).
+    fn build_quantized<const D: usize>(
+        &mut self,
+        key: &str,
+        entry: &Entry,
+        scales: &Entry,
+        dtype: DType,
+        want: &[usize],
+    ) -> Option<Tensor<D>> {
+        let part = self.part?;
+        let Some(q) = self.quantization else {
+            self.problems.push(format!(
+                "{key}: stored quantized, but config.json has no `quantization` section"
+            ));
+            return None;
+        };
+        let (k, n) = match want {
+            [k, n] if quantize::quantizable(*k) => (*k, *n),
+            _ => {
+                self.problems
+                    .push(format!("{key}: stored quantized, but it is not a quantizable linear weight"));
+                return None;
+            }
+        };
+        let (code_dtype, code_shape) = match q.scheme {
+            Quantization::Q8 => (Dtype::I8, vec![n, k]),
+            Quantization::Q4 => (Dtype::U8, vec![n, k / 2]),
+        };
+        let scale_shape = vec![n, k / quantize::BLOCK];
+        if entry.dtype != code_dtype || entry.shape != code_shape {
+            self.problems.push(format!(
+                "{key}: {} codes must be {code_dtype:?} {code_shape:?}, the file has {:?} {:?}",
+                q.scheme, entry.dtype, entry.shape
+            ));
+            return None;
+        }
+        if scales.dtype != Dtype::F16 || scales.shape != scale_shape {
+            self.problems.push(format!(
+                "{key}{SCALE_SUFFIX}: the scales must be F16 {scale_shape:?}, the file has {:?} {:?}",
+                scales.dtype, scales.shape
+            ));
+            return None;
+        }
+        let codes = q.scheme.unpack(part.data(entry), n * k);
+        let scale_values: Vec<f32> = typed::<f16>(part.data(scales))
+            .iter()
+            .map(|s| s.to_f32())
+            .collect();
+        if let Some(bad) = scale_values.iter().find(|s| !s.is_finite()) {
+            self.problems
+                .push(format!("{key}{SCALE_SUFFIX}: a scale is {bad}"));
+            return None;
+        }
+        part.release(entry);
+        Some(place_quantized(
+            &self.device,
+            self.out_in,
+            self.native_quantized,
+            HostWeight::Codes(codes, scale_values),
+            [n, k],
+            q.scheme,
+            dtype,
+        ))
+    }
+
+}
+
+/// A linear weight's values on the host, `[n, k]` row-major: floats, or stored codes and
+/// their block scales.
+enum HostWeight {
+    Values(Vec<f32>),
+    Codes(Vec<i8>, Vec<f32>),
+}
+
+/// A linear weight `[n, k]` (Burn sees `[in, out]`) quantized as `scheme` on `device`: a
+/// quantized tensor where the device has quantized arithmetic (`native`), otherwise the
+/// dequantized values in `dtype` laid out as the device reads them, so that every backend
+/// computes with the same weights.
+fn place_quantized<const D: usize>(
+    device: &Device,
+    out_in: bool,
+    native: bool,
+    weight: HostWeight,
+    [n, k]: [usize; 2],
+    scheme: Quantization,
+    dtype: DType,
+) -> Tensor<D> {
+    if native && out_in {
+        // Flex: the codes laid out as Burn sees the weight, [k, n] with blocks of 32 down each
+        // column, which the CPU kernels read as they are (a transposed view would be
+        // re-quantized by every operation on it).
+        let (codes, scales) = match weight {
+            HostWeight::Codes(codes, scales) => (codes, scales),
+            HostWeight::Values(values) => {
+                let (codes, scales) = quantize::quantize_host(&values, k, scheme);
+                (codes, scales.iter().map(|s| s.to_f32()).collect())
+            }
+        };
+        return Tensor::<D>::from_data(quantize::columns(&codes, &scales, n, k, scheme), device);
+    }
+    if native {
+        let values = match weight {
+            HostWeight::Codes(codes, scales) => quantize::dequantize_host(&codes, &scales, k),
+            HostWeight::Values(values) => values,
+        };
+        let w = Tensor::<D>::from_data(TensorData::new(values, [n, k]), (device, DType::F32));
+        return w.quantize_dynamic(&scheme.scheme()).transpose();
+    }
+    let (codes, scales) = match weight {
+        HostWeight::Codes(codes, scales) => (codes, scales),
+        HostWeight::Values(values) => {
+            let (codes, scales) = quantize::quantize_host(&values, k, scheme);
+            (codes, scales.iter().map(|s| s.to_f32()).collect())
+        }
+    };
+    let values = quantize::dequantize_host(&codes, &scales, k);
+    let bytes = convert(bytemuck::cast_slice(&values), DType::F32, dtype, &[n, k], !out_in);
+    if out_in {
+        let stored = TensorData::from_bytes(bytes, [n, k], dtype);
+        Tensor::<D>::from_data(stored, (device, dtype)).transpose()
+    } else {
+        let stored = TensorData::from_bytes(bytes, [k, n], dtype);
+        Tensor::<D>::from_data(stored, (device, dtype))
+    }
+}
+
+/// Whether the linear weight `key` (Burn shape `[in, out]`) gets quantized under `config`:
+/// inputs a multiple of the block, not a phantom gate, not the LM head unless asked.
+fn quantizes(config: Option<QuantizationConfig>, key: &str, role: Role, want: &[usize]) -> bool {
+    let Some(q) = config else {
+        return false;
+    };
+    role == Role::LinearWeight
+        && want.len() == 2
+        && quantize::quantizable(want[0])
+        && !key.contains("gating_phantom")
+        && (q.lm_head || !TIED_HEAD_KEYS.contains(&key))
+}
+
+/// Quantizes the linear weights of a model already in memory (random weights for a
+/// benchmark, a freshly trained model) as a quantized folder would load.
+pub fn quantize_parameters(mut model: PhantomModel, config: QuantizationConfig) -> PhantomModel {
+    let device = model.language_model.model.norm.gamma.lazy_device();
+    let native = quantize::native(&device);
+    let mut mapper = Quantizer {
+        backbone: model.config.llm.backbone,
+        config,
+        device: device.clone(),
+        out_in: out_in_layout(&device),
+        native,
+        walk: Walk::default(),
+    };
+    model.config.quantization = native.then_some(config);
+    model.map(&mut mapper)
+}
+
+struct Quantizer {
+    backbone: Backbone,
+    config: QuantizationConfig,
+    device: Device,
+    out_in: bool,
+    native: bool,
+    walk: Walk,
+}
+
+impl ModuleMapper for Quantizer {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.walk.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.walk.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
+        let want: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        if !quantizes(Some(self.config), &key, role, &want)
+            || matches!(param.val().dtype(), DType::QFloat(_))
+        {
+            return param;
+        }
+        param.map(|t| {
+            let dtype = t.dtype();
+            let [k, n] = [want[0], want[1]];
+            let values = t
+                .transpose()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
+            place_quantized(
+                &self.device,
+                self.out_in,
+                self.native,
+                HostWeight::Values(values),
+                [n, k],
+                self.config.scheme,
+                dtype,
+            )
+        })
+    }
+}
+
+/// Suffix of the key holding a quantized weight's block scales.
+pub const SCALE_SUFFIX: &str = "_scale";
 
 /// What a parameter is, for its dtype and layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -692,6 +953,10 @@ impl WeightLoader {
     /// undrawn (Burn draws a parameter on first use), so loading never pays for a random
     /// initialisation it overwrites.
     pub fn new(config: PhantomConfig, device: &Device, options: LoadOptions) -> Self {
+        let options = LoadOptions {
+            quantize: config.quantization.or(options.quantize),
+            ..options
+        };
         Self {
             model: Some(PhantomModel::unprepared(config, device)),
             options,
@@ -753,6 +1018,8 @@ impl WeightLoader {
             out_in: out_in_layout(&device),
             part: Some(&part),
             walk: Walk::default(),
+            quantization: self.options.quantize,
+            native_quantized: quantize::native(&device),
             expected: BTreeMap::new(),
             used: BTreeSet::new(),
             problems: Vec::new(),
@@ -776,9 +1043,12 @@ impl WeightLoader {
 
     /// The loaded model, once the parts together held every tensor, and nothing else.
     pub fn finish(mut self) -> Result<PhantomModel> {
-        let Some(model) = self.model.take() else {
+        let Some(mut model) = self.model.take() else {
             return Err(PhantomError::Weights("the loader has finished".into()));
         };
+        // What the loaded weights are: quantized where the device keeps them so.
+        let device = model.language_model.model.norm.gamma.lazy_device();
+        model.config.quantization = self.options.quantize.filter(|_| quantize::native(&device));
         // A key one part lacked may have come from another.
         self.unexpected
             .retain(|key| !self.expected.contains_key(key));
@@ -821,6 +1091,8 @@ impl WeightLoader {
 /// written (so saving holds at most one converted tensor next to the model).
 struct Collector {
     backbone: Backbone,
+    /// The scheme of the model's quantized weights.
+    quantization: Option<QuantizationConfig>,
     dtype: DType,
     file_dtype: Dtype,
     walk: Walk,
@@ -853,6 +1125,46 @@ impl safetensors::View for Stored {
     }
 }
 
+impl Collector {
+    /// A quantized weight, dequantized to `[n, k]`, as its codes and block scales
+    /// ([`crate::quantize`]), re-derived on the host, which reproduces them exactly.
+    fn quantized<const D: usize>(&mut self, key: String, value: Tensor<D>, scheme: Quantization, n: usize, k: usize) {
+        let codes_and_scales = move || {
+            let values: Vec<f32> = value
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
+            quantize::quantize_host(&values, k, scheme)
+        };
+        let (code_dtype, code_shape) = match scheme {
+            Quantization::Q8 => (Dtype::I8, vec![n, k]),
+            Quantization::Q4 => (Dtype::U8, vec![n, k / 2]),
+        };
+        let codes = codes_and_scales.clone();
+        self.tensors.push((
+            key.clone(),
+            Stored {
+                dtype: code_dtype,
+                bytes: code_shape.iter().product(),
+                shape: code_shape,
+                data: Box::new(move || scheme.pack(&codes().0)),
+            },
+        ));
+        let scale_shape = vec![n, k / quantize::BLOCK];
+        self.tensors.push((
+            format!("{key}{SCALE_SUFFIX}"),
+            Stored {
+                dtype: Dtype::F16,
+                bytes: scale_shape.iter().product::<usize>() * 2,
+                shape: scale_shape,
+                data: Box::new(move || bytemuck::cast_slice(&codes_and_scales().1).to_vec()),
+            },
+        ));
+    }
+}
+
 impl ModuleVisitor for Collector {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.walk.enter(name, container_type);
@@ -865,10 +1177,19 @@ impl ModuleVisitor for Collector {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
         let mut value = param.val();
+        let quantized = matches!(value.dtype(), DType::QFloat(_));
+        if quantized {
+            // Transposing a quantized tensor re-quantizes it; its values transpose for free.
+            value = value.dequantize();
+        }
         if role == Role::LinearWeight && D == 2 {
             value = value.transpose();
         }
         let shape = value.dims().to_vec();
+        if let (true, Some(q), [n, k]) = (quantized, self.quantization, shape.as_slice()) {
+            self.quantized(key, value, q.scheme, *n, *k);
+            return;
+        }
         let dtype = self.dtype;
         let bytes = shape.iter().product::<usize>() * dtype.size();
         let data = Box::new(move || {
@@ -921,6 +1242,7 @@ pub fn save_model_as(model: &PhantomModel, dir: impl AsRef<Path>, dtype: DType) 
 
     let mut collector = Collector {
         backbone: model.config.llm.backbone,
+        quantization: model.config.quantization,
         dtype,
         file_dtype,
         walk: Walk::default(),

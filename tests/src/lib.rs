@@ -52,6 +52,15 @@ impl Tensors {
         names
     }
 
+    /// A tensor's stored dtype, shape and bytes.
+    pub fn raw(&self, key: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let st = self.view();
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|e| panic!("{}: {key}: {e}", self.name));
+        (t.dtype(), t.shape().to_vec(), t.data().to_vec())
+    }
+
     /// Whether `key` is present.
     pub fn has(&self, key: &str) -> bool {
         self.view().names().contains(&key)

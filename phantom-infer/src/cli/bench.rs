@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: Precision,
+    /// Quantize the linear weights: q8 or q4.
+    #[arg(long)]
+    quantize: Option<phantom_model::quantize::Quantization>,
     /// Skip the vision-tower measurement.
     #[arg(long)]
     no_vision: bool,
@@ -128,6 +131,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 model: dir.clone(),
                 device: args.device.clone(),
                 dtype: DtypeChoice::Fixed(args.dtype),
+                quantize: args.quantize,
                 quiet_load: true,
             };
             let model = model_args.load()?;
@@ -137,10 +141,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None => {
             let device = device_with_precision(args.device.as_deref(), args.dtype)?;
             let config = phantom_model::presets::config(&args.size)?;
-            let model = phantom_model::cast_parameters(
+            let mut model = phantom_model::cast_parameters(
                 PhantomModel::new(config, &device),
                 load_options(&device, args.dtype),
             );
+            if let Some(scheme) = args.quantize {
+                let config = phantom_model::quantize::QuantizationConfig::new(scheme, false);
+                model = phantom_model::quantize_parameters(model, config);
+            }
             (model, device)
         }
     };
@@ -152,6 +160,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "size": args.size,
         "device": format!("{device:?}"),
         "dtype": args.dtype.to_string(),
+        "quantization": model.config.quantization.map(|q| q.scheme.to_string()),
         "params_decoder": params_decoder,
         "params_vision": params_vision,
     });

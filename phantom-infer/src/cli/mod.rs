@@ -5,6 +5,7 @@ mod chat;
 mod convert;
 mod init;
 mod preprocess;
+mod quantize;
 mod serve;
 mod tokens;
 
@@ -15,6 +16,7 @@ use burn::prelude::Device;
 use clap::{Args, Parser, Subcommand};
 use phantom_model::PhantomModel;
 use phantom_model::device::{DEVICE_NAMES, Precision, auto_precision, load_options, set_precision};
+use phantom_model::quantize::Quantization;
 
 /// Run Phantom vision-language models (0.5B–7B) on any Burn backend.
 #[derive(Parser, Debug)]
@@ -39,6 +41,9 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Speed and memory of a released size (random weights) on one backend, as JSON.
     Bench(bench::BenchArgs),
+    /// Write a quantized copy of a model folder (8- or 4-bit linear weights) that every
+    /// subcommand and the web page load like any other folder.
+    Quantize(quantize::QuantizeArgs),
     /// Write a randomly initialised checkpoint of a released size in the official layout.
     Init(init::InitArgs),
     /// Convert a SentencePiece tokenizer.model (Phantom-1.8B/-7B) into tokenizer.json.
@@ -59,6 +64,10 @@ pub struct ModelArgs {
     /// flex, f16 and bf16 keep the weights in half precision and compute in f32.
     #[arg(long, default_value = "auto")]
     pub dtype: DtypeChoice,
+    /// Quantize the linear weights while loading: q8 or q4 (8- or 4-bit codes, one scale per
+    /// 32 inputs). A folder written by `phantom-infer quantize` loads quantized without it.
+    #[arg(long)]
+    pub quantize: Option<Quantization>,
     /// No progress bar while loading.
     #[arg(long)]
     pub quiet_load: bool,
@@ -108,7 +117,7 @@ impl ModelArgs {
                 self.device.as_deref().unwrap_or("auto")
             )
         })?;
-        let options = load_options(&device, precision);
+        let options = load_options(&device, precision).quantized(self.quantize);
         let bar = indicatif::ProgressBar::hidden();
         let shown = std::cell::Cell::new(false);
         let start = std::time::Instant::now();
@@ -134,6 +143,18 @@ impl ModelArgs {
         )
         .with_context(|| format!("loading {}", self.model.display()))?;
         bar.finish_and_clear();
+        let wanted = phantom_model::PhantomConfig::from_file(self.model.join("config.json"))
+            .ok()
+            .and_then(|c| c.quantization.map(|q| q.scheme))
+            .or(self.quantize);
+        if let Some(scheme) = wanted
+            && model.config.quantization.is_none()
+        {
+            eprintln!(
+                "note: `{}` has no quantized arithmetic; the {scheme} weights run dequantized to {precision}",
+                self.device.as_deref().unwrap_or("this device")
+            );
+        }
         Ok(model)
     }
 }
@@ -148,6 +169,7 @@ impl Cli {
             Command::Serve(args) => serve::serve(args),
             Command::Preprocess(args) => preprocess::preprocess(args),
             Command::Bench(args) => bench::bench(args),
+            Command::Quantize(args) => quantize::quantize(args),
             Command::Init(args) => init::init(args),
             Command::ConvertTokenizer(args) => convert::convert(args),
         }

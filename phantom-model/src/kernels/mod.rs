@@ -14,6 +14,7 @@
 pub mod attend;
 pub mod dot;
 pub mod gemm;
+pub mod quant;
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -125,11 +126,53 @@ pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
         DType::F16 => product(&xs, m, k, contiguous_values::<f16>(&w)?, n),
         _ => return None,
     };
-    let mut data = TensorData::new(y, [m, n]);
-    if out_dtype != DType::F32 {
-        data = data.convert_dtype(out_dtype);
+    Some(flex_tensor(y, [m, n], out_dtype))
+}
+
+/// A flex tensor of `values` in `dtype`.
+fn flex_tensor(values: Vec<f32>, shape: [usize; 2], dtype: DType) -> Tensor<2> {
+    let mut data = TensorData::new(values, shape);
+    if dtype != DType::F32 {
+        data = data.convert_dtype(dtype);
     }
-    Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(data)))
+    Tensor::from_primitive::<Flex>(FlexTensor::from_data(data))
+}
+
+/// `x · w` for `x` `[m, k]` and a quantized weight `w_kn` seen as `[k, n]` and stored so on a
+/// flex device, with blocks of 32 inputs down each column ([`crate::quantize::columns`]);
+/// `[m, n]` in `x`'s dtype. `None` for any other device, layout or scheme.
+pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
+    use burn_dispatch::{BackendTensor, DispatchKindConversion, DispatchTensor};
+    if !is_flex(&x.device()) || !is_flex(&w_kn.device()) {
+        return None;
+    }
+    let [m, k] = x.dims();
+    let [k_w, n] = w_kn.dims();
+    let DType::QFloat(scheme) = w_kn.dtype() else {
+        return None;
+    };
+    if k != k_w || !k.is_multiple_of(quant::BLOCK_SIZE) || scheme.tensor_scale().is_some() {
+        return None;
+    }
+    let block = scheme.block_size()?;
+    if block.as_slice() != [quant::BLOCK_SIZE as u8, 1] {
+        return None;
+    }
+    let dispatch = w_kn.clone().into_dispatch();
+    let BackendTensor::Quantized(q) =
+        <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(dispatch).ok()?
+    else {
+        return None;
+    };
+    let codes = contiguous_values::<i8>(q.tensor())?;
+    let scales = q.scales();
+    if codes.len() != n * k || scales.len() != n * k / quant::BLOCK_SIZE {
+        return None;
+    }
+    let out_dtype = x.dtype();
+    let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
+    let y = quant::product(&xs, m, k, codes, scales, n);
+    Some(flex_tensor(y, [m, n], out_dtype))
 }
 
 fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {

@@ -1,0 +1,320 @@
+//! Quantized weights: symmetric 8-bit and 4-bit integers with one f16 scale per block of 32
+//! inputs.
+//!
+//! A weight row `w[j, ·]` is cut into blocks of [`BLOCK`] consecutive inputs; block `b` keeps
+//! `s = max |w| / q` rounded up to an f16 (`q` = 127 for 8 bits, 7 for 4 bits) and the codes
+//! `c = round(w / s)` in `−q..=q`, so that `w ≈ c · s`. Every linear layer of the vision
+//! tower, the projector and the decoder (the phantom projections included) whose input width
+//! is a multiple of 32 is quantized; norms, biases, token embeddings and the phantom gates stay
+//! in float, as does an untied LM head unless asked for.
+//!
+//! # On disk
+//! A quantized folder is an ordinary model folder whose `config.json` has a `quantization`
+//! section (`{"scheme": "q8", "block_size": 32, "scale_dtype": "f16", "lm_head": false}`) and
+//! whose safetensors file holds, for each quantized `….weight` (official `[out, in]` layout):
+//! - `….weight`: the codes, `I8 [out, in]` for q8; for q4 `U8 [out, in / 2]`, two codes per
+//!   byte, the even input in the low nibble, each stored as `c + 8` (0..=15);
+//! - `….weight_scale`: `F16 [out, in / 32]`, the scale of each block, row-major.
+//!
+//! In memory the weights are Burn quantized tensors (`QFloat`): flex keeps the codes as i8
+//! next to f32 scales and [`crate::kernels`] multiplies them without a float copy; wgpu and
+//! CUDA multiply them with Burn's own kernels. Backends without quantized arithmetic
+//! (ndarray, libtorch) get the weights dequantized to float at load.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::*;
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PhantomError, Result};
+
+/// Inputs that share one scale.
+pub const BLOCK: usize = 32;
+
+/// A quantization scheme of the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    /// 8-bit codes in −127..=127.
+    Q8,
+    /// 4-bit codes in −7..=7.
+    Q4,
+}
+
+impl Quantization {
+    /// Largest code magnitude.
+    pub fn max_code(self) -> i8 {
+        match self {
+            Self::Q8 => 127,
+            Self::Q4 => 7,
+        }
+    }
+
+    /// Bits per code on disk.
+    pub fn bits(self) -> usize {
+        match self {
+            Self::Q8 => 8,
+            Self::Q4 => 4,
+        }
+    }
+
+    /// Name as on the command line and in `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    /// Burn's scheme for these weights: symmetric, blocks of [`BLOCK`] along the input
+    /// dimension of an `[out, in]` matrix, f16 scales.
+    pub fn scheme(self) -> QuantScheme {
+        let value = match self {
+            Self::Q8 => QuantValue::Q8S,
+            Self::Q4 => QuantValue::Q4S,
+        };
+        QuantScheme::default()
+            .with_value(value)
+            .per_block([1, BLOCK as u8], ScaleDtype::F16)
+    }
+
+    /// The codes of `codes` (one per weight, row-major `[out, in]`) as stored on disk.
+    pub fn pack(self, codes: &[i8]) -> Vec<u8> {
+        match self {
+            Self::Q8 => codes.iter().map(|&c| c as u8).collect(),
+            Self::Q4 => codes
+                .chunks(2)
+                .map(|pair| {
+                    let lo = (pair[0] + 8) as u8;
+                    let hi = pair.get(1).map_or(8, |&c| (c + 8) as u8);
+                    lo | (hi << 4)
+                })
+                .collect(),
+        }
+    }
+
+    /// Codes read back from their stored bytes; `count` codes.
+    pub fn unpack(self, bytes: &[u8], count: usize) -> Vec<i8> {
+        match self {
+            Self::Q8 => bytes.iter().map(|&b| b as i8).collect(),
+            Self::Q4 => bytes
+                .iter()
+                .flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8])
+                .take(count)
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for Quantization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Quantization {
+    type Err = PhantomError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8" => Ok(Self::Q8),
+            "q4" => Ok(Self::Q4),
+            other => Err(PhantomError::Config(format!(
+                "unknown quantization scheme `{other}` (expected q8 or q4)"
+            ))),
+        }
+    }
+}
+
+/// The `quantization` section of a quantized folder's `config.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationConfig {
+    /// The scheme of the codes.
+    pub scheme: Quantization,
+    /// Inputs per scale; only [`BLOCK`] is written and read.
+    pub block_size: usize,
+    /// Dtype of the scales on disk; only `"f16"`.
+    pub scale_dtype: ScaleType,
+    /// Whether an untied LM head is quantized too.
+    #[serde(default)]
+    pub lm_head: bool,
+}
+
+/// Dtype of the stored scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleType {
+    /// IEEE half precision.
+    F16,
+}
+
+impl QuantizationConfig {
+    /// The section for `scheme`.
+    pub fn new(scheme: Quantization, lm_head: bool) -> Self {
+        Self {
+            scheme,
+            block_size: BLOCK,
+            scale_dtype: ScaleType::F16,
+            lm_head,
+        }
+    }
+
+    /// Checks what this build reads.
+    pub fn validate(self) -> Result<Self> {
+        if self.block_size != BLOCK {
+            return Err(PhantomError::Config(format!(
+                "quantization.block_size {} is not supported (only {BLOCK})",
+                self.block_size
+            )));
+        }
+        Ok(self)
+    }
+}
+
+/// Whether a linear weight of input width `k` can be quantized.
+pub fn quantizable(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(BLOCK)
+}
+
+/// Whether `device` multiplies quantized weights itself (flex through the project's kernels,
+/// wgpu and CUDA through Burn's); elsewhere they are dequantized at load.
+pub fn native(device: &Device) -> bool {
+    #[allow(unused_imports)]
+    use burn_dispatch::DispatchDevice;
+    match device.as_dispatch() {
+        #[cfg(feature = "cpu-kernels")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        DispatchDevice::Cube(_) => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// Quantizes `w` (`[out, in]` as Burn sees it) on its device.
+pub fn quantize(w: Tensor<2>, scheme: Quantization) -> Tensor<2> {
+    w.quantize_dynamic(&scheme.scheme())
+}
+
+/// Host-side quantization of a row-major `[out, in]` matrix, exactly as Burn's
+/// [`quantize`] does it: the codes and the f16 scales (`[out, in / 32]`).
+pub fn quantize_host(w: &[f32], k: usize, scheme: Quantization) -> (Vec<i8>, Vec<f16>) {
+    let q = f32::from(scheme.max_code());
+    let mut codes = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(w.len() / BLOCK);
+    for row in w.chunks(k) {
+        for block in row.chunks(BLOCK) {
+            let peak = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = f16::from_f32(valid_scale(2.0 * peak / (2.0 * q)));
+            let inv = 1.0 / scale.to_f32();
+            scales.push(scale);
+            codes.extend(block.iter().map(|&v| (v * inv).round().clamp(-q, q) as i8));
+        }
+    }
+    (codes, scales)
+}
+
+/// `raw` rounded up to an f16 (so that no code exceeds the range), and positive even for a
+/// block of zeros, as Burn keeps it.
+fn valid_scale(raw: f32) -> f32 {
+    let scale = ScaleDtype::F16.round_up(raw);
+    if scale > 0.0 && scale.is_finite() {
+        scale
+    } else {
+        ScaleDtype::F16.round_up(f32::MIN_POSITIVE)
+    }
+}
+
+/// Codes and scales of an `[n, k]` weight (row-major, scales `[n, k / 32]`) as the quantized
+/// tensor data of its transpose `[k, n]`, blocks of 32 down each column: the layout of a
+/// linear weight as Burn sees it, which the flex kernels read.
+pub fn columns(codes: &[i8], scales: &[f32], n: usize, k: usize, scheme: Quantization) -> TensorData {
+    let blocks = k / BLOCK;
+    let mut codes_kn = vec![0i8; n * k];
+    for (j, row) in codes.chunks_exact(k).enumerate() {
+        for (i, &c) in row.iter().enumerate() {
+            codes_kn[i * n + j] = c;
+        }
+    }
+    let mut scales_kn = vec![0f32; n * blocks];
+    for j in 0..n {
+        for b in 0..blocks {
+            scales_kn[b * n + j] = scales[j * blocks + b];
+        }
+    }
+    TensorData::quantized(codes_kn, [k, n], column_scheme(scheme), &scales_kn, None)
+}
+
+/// Burn's scheme of a weight laid out `[k, n]` with blocks of 32 down each column.
+pub fn column_scheme(scheme: Quantization) -> QuantScheme {
+    let value = match scheme {
+        Quantization::Q8 => QuantValue::Q8S,
+        Quantization::Q4 => QuantValue::Q4S,
+    };
+    QuantScheme::default()
+        .with_value(value)
+        .with_store(QuantStore::Native)
+        .per_block([BLOCK as u8, 1], ScaleDtype::F16)
+}
+
+/// `c · s` for codes of a row-major `[out, in]` matrix and their block scales.
+pub fn dequantize_host(codes: &[i8], scales: &[f32], k: usize) -> Vec<f32> {
+    let blocks = k / BLOCK;
+    codes
+        .chunks(k)
+        .enumerate()
+        .flat_map(|(j, row)| {
+            row.iter()
+                .enumerate()
+                .map(move |(i, &c)| f32::from(c) * scales[j * blocks + i / BLOCK])
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_codes_pack_two_to_a_byte_and_back() {
+        let codes: Vec<i8> = (-7..=7).chain(-7..=7).collect();
+        for scheme in [Quantization::Q4, Quantization::Q8] {
+            let packed = scheme.pack(&codes);
+            assert_eq!(packed.len(), codes.len() * scheme.bits() / 8 + codes.len() % 2);
+            assert_eq!(scheme.unpack(&packed, codes.len()), codes);
+        }
+        assert_eq!(Quantization::Q4.pack(&[-7, 7]), vec![0x01 | (0x0f << 4)]);
+    }
+
+    #[test]
+    fn host_quantization_is_within_half_a_step() {
+        let k = 64;
+        let w: Vec<f32> = (0..4 * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1 + i / k) as f32)
+            .collect();
+        for scheme in [Quantization::Q8, Quantization::Q4] {
+            let (codes, scales) = quantize_host(&w, k, scheme);
+            let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+            let back = dequantize_host(&codes, &scales, k);
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let step = scales[i / BLOCK];
+                assert!((a - b).abs() <= 0.5 * step * 1.01, "{scheme} {i}: {a} vs {b}");
+            }
+            // The largest magnitude of every block maps to the largest code.
+            for block in codes.chunks(BLOCK) {
+                let top = block.iter().map(|c| c.unsigned_abs()).max().unwrap_or(0);
+                assert_eq!(top, scheme.max_code() as u8);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_schemes_are_named() {
+        let err = "q3".parse::<Quantization>().unwrap_err().to_string();
+        assert!(err.contains("q3") && err.contains("q8 or q4"), "{err}");
+    }
+}
