@@ -43,7 +43,50 @@ fn main() {
         .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
         .collect();
     run("f16", &h, k, n);
+    quantized_speed(&f, k, n);
     gemm_speed();
+}
+
+/// The same stack quantized (8-bit codes, one scale per 32 inputs, laid out `[k, n]` as the
+/// model keeps them): decode bandwidth, and the product with a 128-token prompt.
+fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
+    use phantom_model::kernels::quant::{matmul, matvec};
+    use phantom_model::quantize::{Quantization, quantize_host};
+    let stack: Vec<(Vec<i8>, Vec<f32>)> = weights
+        .iter()
+        .map(|w| {
+            let (codes, scales) = quantize_host(w, k, Quantization::Q8);
+            let blocks = k / 32;
+            let codes_kn = (0..k * n).map(|e| codes[(e % n) * k + e / n]).collect();
+            let scales_kn = (0..blocks * n)
+                .map(|e| scales[(e % n) * blocks + e / n].to_f32())
+                .collect();
+            (codes_kn, scales_kn)
+        })
+        .collect();
+    let bytes: usize = stack.iter().map(|(c, s)| c.len() + 4 * s.len()).sum();
+    let x: Vec<f32> = (0..128 * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for (codes, scales) in &stack {
+            std::hint::black_box(matvec(&x[..k], 1, k, codes, scales, n));
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "q8: {:.1} GB/s ({:.1} ms per pass)",
+        bytes as f64 / best / 1e9,
+        best * 1e3
+    );
+    let m = 128;
+    let flops = 2.0 * (m * n * k) as f64 * 8.0;
+    let start = Instant::now();
+    for (codes, scales) in stack.iter().take(8) {
+        std::hint::black_box(matmul(&x, m, k, codes, scales, n));
+    }
+    let t = start.elapsed().as_secs_f64();
+    println!("q8 x 128 rows: {:.1} GFLOP/s", flops / t / 1e9);
 }
 
 #[allow(dead_code)]

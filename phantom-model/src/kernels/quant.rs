@@ -1,9 +1,10 @@
 //! Products with quantized weights ([`crate::quantize`]) laid out as Burn sees a linear weight:
 //! codes `[k, n]` as i8, one f32 scale per block of 32 inputs down each column (`[k / 32, n]`).
 //!
-//! A decode step ([`matvec`]) streams the codes once, one byte per weight: each task owns a
-//! tile of 64 output columns, widens one code row of the tile at a time to f32 times its
-//! scales in registers and adds it, weighted by the activation, into the tile's accumulators.
+//! A decode step ([`matvec`]) streams the codes once, one byte per weight: each core takes a
+//! contiguous stretch of code rows, widens each row to f32 times its scales in registers and
+//! adds it, weighted by the activation, into outputs that stay in cache; the cores' partial
+//! sums are added at the end.
 //! Larger batches ([`matmul`]) dequantize a panel of columns at a time into a buffer that stays
 //! in cache and run the f32 GEMM on it, so no float copy of the weight ever exists.
 
@@ -13,7 +14,7 @@ use crate::quantize::BLOCK;
 /// Inputs per scale.
 pub const BLOCK_SIZE: usize = BLOCK;
 
-/// Output columns a task accumulates in registers.
+/// Output columns widened at a time: one code row of them fits a few vector registers.
 const TILE: usize = 64;
 
 /// `a·b + c`, fused where the build has FMA.
@@ -22,143 +23,161 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// `R` activation rows times the `TILE` columns from `c0` of the weight.
+/// `R` activation rows times one block of 32 code rows (from `i0`) and the [`TILE`] columns
+/// from `t0`, added into `out` (rows `n` apart) times the block's scales: the sums over the
+/// block stay in registers and the scales multiply once per block.
 #[inline(always)]
-fn tile_dots<const R: usize, const FMA: bool>(
+#[allow(clippy::too_many_arguments)]
+fn block_tile<const R: usize, const FMA: bool>(
     x: &[&[f32]; R],
-    k: usize,
     codes: &[i8],
     scales: &[f32],
     n: usize,
-    c0: usize,
-) -> [[f32; TILE]; R] {
+    i0: usize,
+    t0: usize,
+    out: &mut [f32],
+    r0: usize,
+) {
     let mut acc = [[0.0f32; TILE]; R];
-    for b in 0..k / BLOCK {
-        let s: &[f32; TILE] = scales[b * n + c0..b * n + c0 + TILE]
+    for ii in 0..BLOCK {
+        let i = i0 + ii;
+        let c: &[i8; TILE] = codes[i * n + t0..i * n + t0 + TILE]
             .try_into()
             .expect("a full tile");
-        for i in b * BLOCK..(b + 1) * BLOCK {
-            let c: &[i8; TILE] = codes[i * n + c0..i * n + c0 + TILE]
-                .try_into()
-                .expect("a full tile");
-            let w: [f32; TILE] = std::array::from_fn(|t| f32::from(c[t]) * s[t]);
-            for r in 0..R {
-                let xv = x[r][i];
-                for t in 0..TILE {
-                    acc[r][t] = madd::<FMA>(xv, w[t], acc[r][t]);
-                }
+        let w: [f32; TILE] = std::array::from_fn(|t| f32::from(c[t]));
+        for r in 0..R {
+            let xv = x[r][i];
+            for t in 0..TILE {
+                acc[r][t] = madd::<FMA>(xv, w[t], acc[r][t]);
             }
         }
     }
-    acc
+    let s: &[f32; TILE] = scales[(i0 / BLOCK) * n + t0..(i0 / BLOCK) * n + t0 + TILE]
+        .try_into()
+        .expect("a full tile");
+    for r in 0..R {
+        let o: &mut [f32; TILE] = (&mut out[(r0 + r) * n + t0..(r0 + r) * n + t0 + TILE])
+            .try_into()
+            .expect("a full tile");
+        for t in 0..TILE {
+            o[t] = madd::<FMA>(acc[r][t], s[t], o[t]);
+        }
+    }
 }
 
-/// The outputs `[m, width]` of the columns `c0..c0 + width` (`width` ≤ [`TILE`]), rows four at
-/// a time; a last, narrower tile goes column by column.
+/// Adds the products of the code rows `i0..i1` (whole blocks, all `n` columns) into `out`
+/// (`[m, n]`), a block of rows and a [`TILE`] of columns at a time, four activation rows at a
+/// time; the columns past the last whole tile go one by one.
 #[inline(always)]
-fn tile_body<const FMA: bool>(
+#[allow(clippy::too_many_arguments)]
+fn rows_body<const FMA: bool>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
     scales: &[f32],
     n: usize,
-    c0: usize,
+    (i0, i1): (usize, usize),
     out: &mut [f32],
 ) {
-    let width = out.len() / m;
-    if width < TILE {
-        for r in 0..m {
-            for t in 0..width {
-                let j = c0 + t;
-                let mut sum = 0.0f32;
-                for i in 0..k {
-                    let w = f32::from(codes[i * n + j]) * scales[(i / BLOCK) * n + j];
-                    sum = madd::<FMA>(x[r * k + i], w, sum);
+    let full = n / TILE * TILE;
+    for b0 in (i0..i1).step_by(BLOCK) {
+        for t0 in (0..full).step_by(TILE) {
+            let mut r0 = 0;
+            while r0 < m {
+                let row = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let take = (m - r0).min(4);
+                match take {
+                    1 => block_tile::<1, FMA>(&[row(0)], codes, scales, n, b0, t0, out, r0),
+                    2 => block_tile::<2, FMA>(&[row(0), row(1)], codes, scales, n, b0, t0, out, r0),
+                    3 => block_tile::<3, FMA>(
+                        &[row(0), row(1), row(2)],
+                        codes,
+                        scales,
+                        n,
+                        b0,
+                        t0,
+                        out,
+                        r0,
+                    ),
+                    _ => block_tile::<4, FMA>(
+                        &[row(0), row(1), row(2), row(3)],
+                        codes,
+                        scales,
+                        n,
+                        b0,
+                        t0,
+                        out,
+                        r0,
+                    ),
                 }
-                out[r * width + t] = sum;
+                r0 += take;
             }
         }
-        return;
-    }
-    let mut r0 = 0;
-    while r0 < m {
-        let row = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
-        let take = (m - r0).min(4);
-        let mut put = |r: usize, values: &[f32; TILE]| {
-            out[(r0 + r) * TILE..(r0 + r + 1) * TILE].copy_from_slice(values);
-        };
-        match take {
-            1 => {
-                let [a] = tile_dots::<1, FMA>(&[row(0)], k, codes, scales, n, c0);
-                put(0, &a);
-            }
-            2 => {
-                let d = tile_dots::<2, FMA>(&[row(0), row(1)], k, codes, scales, n, c0);
-                d.iter().enumerate().for_each(|(r, v)| put(r, v));
-            }
-            3 => {
-                let d = tile_dots::<3, FMA>(&[row(0), row(1), row(2)], k, codes, scales, n, c0);
-                d.iter().enumerate().for_each(|(r, v)| put(r, v));
-            }
-            _ => {
-                let d = tile_dots::<4, FMA>(
-                    &[row(0), row(1), row(2), row(3)],
-                    k,
-                    codes,
-                    scales,
-                    n,
-                    c0,
-                );
-                d.iter().enumerate().for_each(|(r, v)| put(r, v));
+        for t in full..n {
+            let s = scales[(b0 / BLOCK) * n + t];
+            for r in 0..m {
+                let mut sum = 0.0f32;
+                for i in b0..b0 + BLOCK {
+                    sum = madd::<FMA>(x[r * k + i], f32::from(codes[i * n + t]), sum);
+                }
+                out[r * n + t] = madd::<FMA>(sum, s, out[r * n + t]);
             }
         }
-        r0 += take;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512(
+unsafe fn rows_avx512(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
     scales: &[f32],
     n: usize,
-    c0: usize,
+    range: (usize, usize),
     out: &mut [f32],
 ) {
-    tile_body::<true>(x, m, k, codes, scales, n, c0, out);
+    rows_body::<true>(x, m, k, codes, scales, n, range, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx2(
+unsafe fn rows_avx2(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
     scales: &[f32],
     n: usize,
-    c0: usize,
+    range: (usize, usize),
     out: &mut [f32],
 ) {
-    tile_body::<true>(x, m, k, codes, scales, n, c0, out);
+    rows_body::<true>(x, m, k, codes, scales, n, range, out);
 }
 
-/// One tile of output columns on the best instruction set.
+/// One range of code rows on the best instruction set.
 #[allow(clippy::too_many_arguments)]
-fn tile(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize, c0: usize, out: &mut [f32]) {
+fn rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[f32],
+    n: usize,
+    range: (usize, usize),
+    out: &mut [f32],
+) {
     match isa() {
         // SAFETY: `isa()` chose these only after detecting every feature they enable.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { tile_avx512(x, m, k, codes, scales, n, c0, out) },
+        Isa::Avx512 => unsafe { rows_avx512(x, m, k, codes, scales, n, range, out) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { tile_avx2(x, m, k, codes, scales, n, c0, out) },
-        Isa::Portable => tile_body::<false>(x, m, k, codes, scales, n, c0, out),
+        Isa::Avx2 => unsafe { rows_avx2(x, m, k, codes, scales, n, range, out) },
+        Isa::Portable => rows_body::<false>(x, m, k, codes, scales, n, range, out),
     }
 }
 
@@ -176,7 +195,8 @@ fn gather_columns(parts: &[f32], m: usize, n: usize, group: usize) -> Vec<f32> {
 }
 
 /// `y = x · (c·s)` for `x` `[m, k]` (f32, row-major), codes `[k, n]` and scales `[k / 32, n]`:
-/// `y` is `[m, n]`. `k` must be a multiple of 32.
+/// `y` is `[m, n]`. `k` must be a multiple of 32. The code rows are split between the cores
+/// (each streams one contiguous stretch of the weight) and their partial sums added.
 pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(codes.len(), n * k);
@@ -185,11 +205,26 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
-    let mut parts = vec![0.0f32; m * n];
-    super::for_each_chunk(&mut parts, TILE * m, |p, out| {
-        tile(x, m, k, codes, scales, n, p * TILE, out);
+    // Whole blocks per task; one task per core, fewer for a small weight.
+    let blocks = k / BLOCK;
+    let tasks = super::threads()
+        .min(blocks)
+        .min((k * n / (64 * 1024)).max(1));
+    let per_task = blocks.div_ceil(tasks) * BLOCK;
+    let tasks = k.div_ceil(per_task);
+    let mut partial = vec![0.0f32; tasks * m * n];
+    super::for_each_chunk(&mut partial, m * n, |p, out| {
+        let range = (p * per_task, ((p + 1) * per_task).min(k));
+        rows(x, m, k, codes, scales, n, range, out);
     });
-    gather_columns(&parts, m, n, TILE)
+    let mut parts = partial.chunks_exact(m * n);
+    let mut y = parts.next().map(<[f32]>::to_vec).unwrap_or_default();
+    for part in parts {
+        for (a, b) in y.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    y
 }
 
 /// Output columns dequantized at a time for [`matmul`]: a panel of about 256 KiB.
