@@ -1317,7 +1317,9 @@ pub fn split_into_shards(dir: impl AsRef<Path>, shards: usize) -> Result<Vec<Pat
     let mut filled = 0usize;
     for (name, view) in tensors {
         let size = view.data().len();
-        if filled > 0 && filled + size > per_shard && groups.len() < shards {
+        // A quantized weight's scales (sorted right after it) stay in its shard.
+        let scales = name.ends_with(SCALE_SUFFIX);
+        if filled > 0 && filled + size > per_shard && groups.len() < shards && !scales {
             groups.push(Vec::new());
             filled = 0;
         }

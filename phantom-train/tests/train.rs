@@ -581,3 +581,29 @@ fn the_train_command_holds_out_a_split_and_runs_stage_two_with_sft() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_demo_model_keeps_its_held_out_accuracy_when_quantized() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/demo_model");
+    let accuracy = |extra: &[&str]| -> f64 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_phantom-train"))
+            .args(["demo", "--device", "flex", "--evaluate"])
+            .arg(&model)
+            .args(extra)
+            .output()
+            .expect("phantom-train runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let re = regex::Regex::new(r"held-out accuracy ([0-9.]+)%").unwrap();
+        re.captures(&stdout)
+            .and_then(|c| c[1].parse().ok())
+            .unwrap_or_else(|| panic!("no accuracy in {stdout}"))
+    };
+    // The exported model's own figure (the demo printed it when it trained the model).
+    let float = accuracy(&[]);
+    assert_eq!(float, 42.0);
+    let q8 = accuracy(&["--quantize", "q8"]);
+    let q4 = accuracy(&["--quantize", "q4"]);
+    assert!((q8 - float).abs() <= 1.0, "q8 {q8}% against {float}%");
+    assert!((q4 - float).abs() <= 3.0, "q4 {q4}% against {float}%");
+}

@@ -79,7 +79,8 @@ fn dtype_size(dtype: &str) -> Option<u64> {
 pub struct Header {
     /// File name, for messages.
     pub file: String,
-    /// The tensors, in the order of their data.
+    /// The tensors, in the order of their data, except that a quantized weight's block scales
+    /// come right after it.
     pub tensors: Vec<TensorEntry>,
     /// Offset of the data section in the file.
     pub data_start: u64,
@@ -156,21 +157,23 @@ impl Header {
         tensors.sort_by_key(|t| (t.data.start, t.data.end));
         Ok(Self {
             file: file.to_string(),
-            tensors,
+            tensors: with_scales_after_weights(tensors),
             data_start,
             metadata,
         })
     }
 
     /// Groups consecutive tensors into parts of at most `budget` bytes of data; a tensor larger
-    /// than the budget is a part on its own.
+    /// than the budget is a part on its own, and a quantized weight's block scales stay in its
+    /// part.
     pub fn parts(&self, budget: u64) -> Vec<Range<usize>> {
         let mut parts = Vec::new();
         let mut start = 0;
         let mut bytes = 0;
         for (i, t) in self.tensors.iter().enumerate() {
             let size = t.data.end - t.data.start;
-            if i > start && bytes + size > budget {
+            let companion = i > 0 && is_scale_of(&t.name, &self.tensors[i - 1].name);
+            if i > start && bytes + size > budget && !companion {
                 parts.push(start..i);
                 start = i;
                 bytes = 0;
@@ -182,7 +185,35 @@ impl Header {
         }
         parts
     }
+}
 
+/// Whether `name` holds the block scales of the quantized weight `weight`.
+fn is_scale_of(name: &str, weight: &str) -> bool {
+    name.strip_prefix(weight) == Some(phantom_model::weights::SCALE_SUFFIX)
+}
+
+/// `tensors` (in the order of their data) with each quantized weight's block scales moved
+/// right after it, so that the two always load together.
+fn with_scales_after_weights(tensors: Vec<TensorEntry>) -> Vec<TensorEntry> {
+    let suffix = phantom_model::weights::SCALE_SUFFIX;
+    let names: std::collections::HashSet<String> = tensors.iter().map(|t| t.name.clone()).collect();
+    let (scales, others): (Vec<TensorEntry>, Vec<TensorEntry>) = tensors.into_iter().partition(|t| {
+        t.name
+            .strip_suffix(suffix)
+            .is_some_and(|weight| names.contains(weight))
+    });
+    let mut scales: std::collections::HashMap<String, TensorEntry> =
+        scales.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut ordered = Vec::with_capacity(others.len() + scales.len());
+    for t in others {
+        let scale = scales.remove(&format!("{}{suffix}", t.name));
+        ordered.push(t);
+        ordered.extend(scale);
+    }
+    ordered
+}
+
+impl Header {
     /// Bytes of data of the tensors `range`.
     pub fn part_data_bytes(&self, range: Range<usize>) -> u64 {
         self.tensors[range]
@@ -288,6 +319,24 @@ mod tests {
             }
         }
         assert_eq!(seen, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_quantized_weight_and_its_scales_share_a_part() {
+        // The writer orders data by dtype, so codes and scales lie apart in the file.
+        let bytes = file(&[
+            ("p.weight_scale", "F16", vec![2, 1], (0..4).collect()),
+            ("n.weight", "F32", vec![4], (4..20).collect()),
+            ("p.weight", "I8", vec![2, 32], (20..84).collect()),
+        ]);
+        let header = Header::read(bytes.as_slice(), "q").unwrap();
+        let names: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["n.weight", "p.weight", "p.weight_scale"]);
+        // A budget that would cut between them keeps them together.
+        assert_eq!(header.parts(64), vec![0..1, 1..3]);
+        let blob = header.part_bytes(bytes.as_slice(), 1..3);
+        let part = Header::read(blob.as_slice(), "part").unwrap();
+        assert_eq!(part.tensors.len(), 2);
     }
 
     #[test]

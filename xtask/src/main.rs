@@ -103,6 +103,10 @@ enum Task {
         /// Use the page's existing build instead of running `cargo xtask wasm`.
         #[arg(long)]
         no_build: bool,
+        /// Quantize the model first (`phantom-infer quantize --scheme q8|q4`) and test the
+        /// quantized folder.
+        #[arg(long)]
+        quantize: Option<String>,
     },
 }
 
@@ -317,8 +321,12 @@ fn main() -> anyhow::Result<()> {
             chromium,
             timeout_s,
             no_build,
+            quantize,
         } => {
-            let (model, tokenizer) = model.resolve()?;
+            let (mut model, tokenizer) = model.resolve()?;
+            if let Some(scheme) = quantize {
+                model = test_web::quantized(&model, &scheme, native_bin.as_deref())?;
+            }
             test_web::TestWeb {
                 model,
                 tokenizer,

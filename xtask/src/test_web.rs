@@ -81,6 +81,22 @@ pub fn native_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// `model` quantized as `scheme` by `phantom-infer quantize` into the target folder.
+pub fn quantized(model: &Path, scheme: &str, native_bin: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let bin = native_binary(native_bin)?;
+    let out = web::target_dir().join(format!("web-model-{scheme}"));
+    let mut quantize = Command::new(&bin);
+    quantize
+        .arg("quantize")
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(&out)
+        .args(["--scheme", scheme, "--overwrite"]);
+    run(quantize, &format!("quantizing {} as {scheme}", model.display()))?;
+    Ok(out)
+}
+
 impl TestWeb {
     fn tokenizer(&self) -> PathBuf {
         self.tokenizer

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use phantom_train::demo::shapes::QuestionKind;
-use phantom_train::demo::{DemoOptions, run};
+use phantom_train::demo::{DemoOptions, evaluate_folder, run};
 
 use super::RunArgs;
 
@@ -45,6 +45,13 @@ pub struct DemoArgs {
     /// Question kinds to ask, comma-separated: colour, shape, count, position (default: all).
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
+    /// Train nothing: measure the held-out accuracy of an exported demo model folder (e.g.
+    /// runs/demo/model) on the held-out triples of --seed, --eval-size and --kinds.
+    #[arg(long, value_name = "MODEL_DIR")]
+    evaluate: Option<PathBuf>,
+    /// With --evaluate: quantize the model's linear weights while loading (q8 or q4).
+    #[arg(long, requires = "evaluate")]
+    quantize: Option<phantom_model::quantize::Quantization>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -96,6 +103,23 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         kinds,
         dashboard: args.run.dashboard(),
     };
+    if let Some(dir) = &args.evaluate {
+        let load = phantom_model::LoadOptions::default().quantized(args.quantize);
+        let (accuracy, by_kind) = evaluate_folder(&options, device, dir, load)?;
+        let kinds: Vec<String> = by_kind
+            .iter()
+            .map(|(kind, a)| format!("{kind} {:.1}%", a * 100.0))
+            .collect();
+        println!(
+            "{}{}: held-out accuracy {:.1}% ({} questions; {})",
+            dir.display(),
+            args.quantize.map(|q| format!(" ({q})")).unwrap_or_default(),
+            accuracy * 100.0,
+            options.eval_size,
+            kinds.join(", ")
+        );
+        return Ok(());
+    }
     let report = run(&options, device)?;
     println!("report: {}", options.out_dir.join("report.json").display());
     let _ = report;

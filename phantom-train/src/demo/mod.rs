@@ -152,8 +152,7 @@ pub fn run(options: &DemoOptions, device: &Device) -> Result<DemoReport> {
     let image_size = model::IMAGE_SIZE as u32;
     let kinds = &options.kinds;
     let train_samples = shapes::generate_kinds(options.train_size, options.seed, image_size, kinds);
-    let eval_samples =
-        shapes::generate_kinds(options.eval_size, options.seed ^ 0xE7A1, image_size, kinds);
+    let eval_samples = held_out(options);
     let io = |e: std::io::Error| TrainError::io(&data_dir, e);
     let train_file = shapes::write_jsonl(&data_dir, &train_samples, "train").map_err(io)?;
     let eval_file = shapes::write_jsonl(&data_dir, &eval_samples, "heldout").map_err(io)?;
@@ -355,6 +354,32 @@ fn small_embedding_init(model: &mut PhantomModel) {
         Distribution::Normal(0.0, 0.02),
         &device,
     ));
+}
+
+/// The held-out triples of a run with `options`' seed, size and question kinds (their
+/// pictures are drawn apart from the training ones).
+fn held_out(options: &DemoOptions) -> Vec<ShapeSample> {
+    shapes::generate_kinds(
+        options.eval_size,
+        options.seed ^ 0xE7A1,
+        model::IMAGE_SIZE as u32,
+        &options.kinds,
+    )
+}
+
+/// Held-out accuracy, overall and by question kind, of an exported demo model (`dir`: its
+/// `config.json`, weights and `tokenizer.json`) loaded with `load` (quantized, say) on the
+/// held-out triples a run with `options` draws.
+pub fn evaluate_folder(
+    options: &DemoOptions,
+    device: &Device,
+    dir: &Path,
+    load: phantom_model::LoadOptions,
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let model = phantom_model::load_model(dir, device, load)?;
+    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
+    let chat = Chat::new(model, tokenizer)?;
+    evaluate(&chat, &held_out(options))
 }
 
 /// Greedy answers to every held-out question; a question counts as right when the answer
