@@ -86,6 +86,23 @@ fn checkpoint(bin: &Path, dtype: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// `f32_dir` quantized as `scheme` by `phantom-infer quantize` (floats in bf16), made once.
+fn quantized_checkpoint(bin: &Path, f32_dir: &Path, scheme: &str) -> anyhow::Result<PathBuf> {
+    let dir = bench_dir().join(format!("phantom-0.5b-{scheme}"));
+    if !dir.join("config.json").is_file() {
+        let mut quantize = Command::new(bin);
+        quantize
+            .arg("quantize")
+            .arg("--model")
+            .arg(f32_dir)
+            .arg("--out")
+            .arg(&dir)
+            .args(["--scheme", scheme, "--overwrite"]);
+        run(quantize, &format!("quantizing the 0.5B checkpoint as {scheme}"))?;
+    }
+    Ok(dir)
+}
+
 /// node-llama-cpp (prebuilt CPU libraries, from the lock file) and the GGUF files, made once.
 fn llama_setup(python: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let root = web::root().join("xtask/bench/llama");
@@ -169,10 +186,18 @@ pub fn bench_infer(options: &Options) -> anyhow::Result<()> {
 
     let steps = options.decode_steps.to_string();
     let mut rows: Vec<Row> = Vec::new();
-    for (dtype, dir) in [("f32", &f32_dir), ("f16", &bf16_dir), ("bf16", &bf16_dir)] {
+    let q8_dir = quantized_checkpoint(&bin, &f32_dir, "q8")?;
+    let q4_dir = quantized_checkpoint(&bin, &f32_dir, "q4")?;
+    for (name, dtype, dir) in [
+        ("f32", "f32", &f32_dir),
+        ("f16", "f16", &bf16_dir),
+        ("bf16", "bf16", &bf16_dir),
+        ("q8", "bf16", &q8_dir),
+        ("q4", "bf16", &q4_dir),
+    ] {
         let (bin, dir, steps) = (bin.clone(), dir.clone(), steps.clone());
         rows.push(Row {
-            name: format!("phantom-rs flex {dtype}"),
+            name: format!("phantom-rs flex {name}"),
             command: Box::new(move || {
                 let mut cmd = Command::new(&bin);
                 cmd.args(["bench", "--device", "flex", "--ttft", "--dtype", dtype])

@@ -5,8 +5,8 @@
 //! contiguous stretch of code rows, widens each row to f32 times its scales in registers and
 //! adds it, weighted by the activation, into outputs that stay in cache; the cores' partial
 //! sums are added at the end.
-//! Larger batches ([`matmul`]) dequantize a panel of columns at a time into a buffer that stays
-//! in cache and run the f32 GEMM on it, so no float copy of the weight ever exists.
+//! Larger batches ([`matmul`]) dequantize a panel of columns at a time into a buffer of a few
+//! MiB and run the f32 GEMM on it, so no float copy of the whole weight ever exists.
 
 use super::dot::{Isa, MAX_ROWS, isa};
 use crate::quantize::BLOCK;
@@ -181,19 +181,6 @@ fn rows(
     }
 }
 
-/// Scatters outputs computed in column groups of `group` (`[n / group][m, group]`) to `[m, n]`.
-fn gather_columns(parts: &[f32], m: usize, n: usize, group: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; m * n];
-    for (p, part) in parts.chunks(group * m).enumerate() {
-        let j0 = p * group;
-        let width = part.len() / m;
-        for r in 0..m {
-            y[r * n + j0..r * n + j0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);
-        }
-    }
-    y
-}
-
 /// `y = x · (c·s)` for `x` `[m, k]` (f32, row-major), codes `[k, n]` and scales `[k / 32, n]`:
 /// `y` is `[m, n]`. `k` must be a multiple of 32. The code rows are split between the cores
 /// (each streams one contiguous stretch of the weight) and their partial sums added.
@@ -227,36 +214,42 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     y
 }
 
-/// Output columns dequantized at a time for [`matmul`]: a panel of about 256 KiB.
+/// Output columns dequantized at a time for [`matmul`]: a panel of a few MiB, wide enough for
+/// the GEMM to split between the cores.
 fn columns_per_panel(k: usize) -> usize {
-    (64 * 1024 / k.max(1)).clamp(16, 512)
+    ((2 << 20) / (4 * k.max(1))).clamp(64, 1024) / 32 * 32
 }
 
-/// `y = x · (c·s)` like [`matvec`], for many activation rows: the weight is dequantized a
-/// panel of columns at a time and multiplied by the f32 GEMM; the panels are split over the
-/// cores.
+/// `y = x · (c·s)` like [`matvec`], for many activation rows: the weight is dequantized a panel
+/// of columns at a time, as rows of `[width, k]` (the order the f32 GEMM reads), and each
+/// panel is multiplied by the GEMM on every core.
 pub fn matmul(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
     debug_assert_eq!(codes.len(), n * k);
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
     let panel = columns_per_panel(k);
-    let mut parts = vec![0.0f32; m * n];
-    super::for_each_chunk(&mut parts, panel * m, |p, out| {
-        let j0 = p * panel;
-        let width = out.len() / m;
-        // The panel's columns as rows of an [width, k] weight, as the GEMM reads it.
-        let mut w = vec![0.0f32; width * k];
-        for i in 0..k {
-            let c = &codes[i * n + j0..i * n + j0 + width];
-            let s = &scales[(i / BLOCK) * n + j0..(i / BLOCK) * n + j0 + width];
-            for t in 0..width {
-                w[t * k + i] = f32::from(c[t]) * s[t];
+    let mut y = vec![0.0f32; m * n];
+    let mut w = vec![0.0f32; panel.min(n) * k];
+    for j0 in (0..n).step_by(panel) {
+        let width = panel.min(n - j0);
+        let w = &mut w[..width * k];
+        // Column t of the panel becomes row t of `w`; each thread fills whole rows.
+        super::for_each_chunk(w, k, |t, row| {
+            let j = j0 + t;
+            for (b, block) in row.chunks_exact_mut(BLOCK).enumerate() {
+                let s = scales[b * n + j];
+                for (ii, v) in block.iter_mut().enumerate() {
+                    *v = f32::from(codes[(b * BLOCK + ii) * n + j]) * s;
+                }
             }
+        });
+        let part = super::gemm::matmul(x, m, k, w, width);
+        for r in 0..m {
+            y[r * n + j0..r * n + j0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);
         }
-        super::gemm::matmul_serial(x, m, k, &w, width, out);
-    });
-    gather_columns(&parts, m, n, panel)
+    }
+    y
 }
 
 /// [`matvec`] up to [`MAX_ROWS`] rows, [`matmul`] beyond.
