@@ -62,8 +62,13 @@ fn answer(model: &str, extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     let out = phantom_infer(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let reply: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     reply["answer"].as_str().unwrap_or_default().to_string()
 }
 
@@ -75,8 +80,14 @@ fn a_quantized_folder_answers_as_the_model_quantized_at_load() {
     for scheme in ["q8", "q4"] {
         let out_dir = dir.path().join(scheme);
         let out = out_dir.to_str().unwrap();
-        let run = phantom_infer(&["quantize", "--model", model, "--out", out, "--scheme", scheme]);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let run = phantom_infer(&[
+            "quantize", "--model", model, "--out", out, "--scheme", scheme,
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         // The tokenizer and the other files come along.
         assert!(out_dir.join("tokenizer.json").exists() && out_dir.join("square.png").exists());
         let from_folder = answer(out, &[]);
@@ -86,15 +97,30 @@ fn a_quantized_folder_answers_as_the_model_quantized_at_load() {
             assert_eq!(from_folder, "The square is red.");
         }
         // The folder is not written over by accident.
-        let again = phantom_infer(&["quantize", "--model", model, "--out", out, "--scheme", scheme]);
+        let again = phantom_infer(&[
+            "quantize", "--model", model, "--out", out, "--scheme", scheme,
+        ]);
         assert_eq!(again.status.code(), Some(1));
         let err = String::from_utf8_lossy(&again.stderr);
         assert!(err.contains("--overwrite"), "{err}");
     }
-    let out = phantom_infer(&["quantize", "--model", model, "--out", model, "--scheme", "q8"]);
+    let out = phantom_infer(&[
+        "quantize", "--model", model, "--out", model, "--scheme", "q8",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("another folder"), "{err}");
-    let out = phantom_infer(&["chat", "--model", model, "--prompt", "hi", "--quantize", "q3"]);
+    assert!(
+        !out.status.success() && err.contains("another folder"),
+        "{err}"
+    );
+    let out = phantom_infer(&[
+        "chat",
+        "--model",
+        model,
+        "--prompt",
+        "hi",
+        "--quantize",
+        "q3",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown quantization scheme `q3`"), "{err}");

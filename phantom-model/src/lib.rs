@@ -29,6 +29,6 @@ pub use config::PhantomConfig;
 pub use error::{PhantomError, Result};
 pub use model::{ModelInput, PhantomModel};
 pub use weights::{
-    LoadOptions, WeightLoader, cast_parameters, quantize_parameters, load_model, load_model_with_progress, save_model,
-    save_model_as, split_into_shards,
+    LoadOptions, WeightLoader, cast_parameters, load_model, load_model_with_progress,
+    quantize_parameters, save_model, save_model_as, split_into_shards,
 };

@@ -81,15 +81,21 @@ impl Quantization {
             .per_block([1, BLOCK as u8], ScaleDtype::F16)
     }
 
-    /// The codes of `codes` (one per weight, row-major `[out, in]`) as stored on disk.
+    /// The codes of `codes` (one per weight, row-major `[out, in]`, each within
+    /// `−max_code..=max_code`) as stored on disk.
     pub fn pack(self, codes: &[i8]) -> Vec<u8> {
+        debug_assert!(
+            codes
+                .iter()
+                .all(|c| c.unsigned_abs() <= self.max_code() as u8)
+        );
         match self {
             Self::Q8 => codes.iter().map(|&c| c as u8).collect(),
             Self::Q4 => codes
                 .chunks(2)
                 .map(|pair| {
-                    let lo = (pair[0] + 8) as u8;
-                    let hi = pair.get(1).map_or(8, |&c| (c + 8) as u8);
+                    let lo = (pair[0].wrapping_add(8) as u8) & 0x0f;
+                    let hi = pair.get(1).map_or(8, |&c| (c.wrapping_add(8) as u8) & 0x0f);
                     lo | (hi << 4)
                 })
                 .collect(),
@@ -180,29 +186,32 @@ pub fn quantizable(k: usize) -> bool {
     k > 0 && k.is_multiple_of(BLOCK)
 }
 
-/// Whether `device` multiplies quantized weights itself (flex through the project's kernels,
-/// wgpu and CUDA through Burn's); elsewhere they are dequantized at load.
+/// Whether `device` multiplies quantized weights itself: flex through the project's kernels,
+/// the CubeCL GPUs (wgpu, WebGPU, CUDA) through Burn's. ndarray and libtorch have no quantized
+/// arithmetic; their weights are dequantized at load.
 pub fn native(device: &Device) -> bool {
     #[allow(unused_imports)]
     use burn_dispatch::DispatchDevice;
     match device.as_dispatch() {
         #[cfg(feature = "cpu-kernels")]
         DispatchDevice::Flex(_) => true,
-        #[cfg(any(feature = "wgpu", feature = "cuda"))]
+        #[cfg(any(feature = "wgpu", feature = "webgpu", feature = "cuda"))]
         DispatchDevice::Cube(_) => true,
         #[allow(unreachable_patterns)]
         _ => false,
     }
 }
 
-/// Quantizes `w` (`[out, in]` as Burn sees it) on its device.
-pub fn quantize(w: Tensor<2>, scheme: Quantization) -> Tensor<2> {
-    w.quantize_dynamic(&scheme.scheme())
-}
-
 /// Host-side quantization of a row-major `[out, in]` matrix, exactly as Burn's
-/// [`quantize`] does it: the codes and the f16 scales (`[out, in / 32]`).
+/// `quantize_dynamic` does it on flex: the codes and the f16 scales (`[out, in / 32]`).
+///
+/// # Panics
+/// If `k` is zero or not a multiple of [`BLOCK`], or `w.len()` not a multiple of `k`.
 pub fn quantize_host(w: &[f32], k: usize, scheme: Quantization) -> (Vec<i8>, Vec<f16>) {
+    assert!(
+        quantizable(k) && w.len().is_multiple_of(k),
+        "rows of {k} inputs, in blocks of {BLOCK}"
+    );
     let q = f32::from(scheme.max_code());
     let mut codes = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(w.len() / BLOCK);
@@ -232,7 +241,20 @@ fn valid_scale(raw: f32) -> f32 {
 /// Codes and scales of an `[n, k]` weight (row-major, scales `[n, k / 32]`) as the quantized
 /// tensor data of its transpose `[k, n]`, blocks of 32 down each column: the layout of a
 /// linear weight as Burn sees it, which the flex kernels read.
-pub fn columns(codes: &[i8], scales: &[f32], n: usize, k: usize, scheme: Quantization) -> TensorData {
+///
+/// # Panics
+/// If the lengths are not `n·k` codes and `n·k/32` scales.
+pub fn columns(
+    codes: &[i8],
+    scales: &[f32],
+    n: usize,
+    k: usize,
+    scheme: Quantization,
+) -> TensorData {
+    assert!(
+        codes.len() == n * k && scales.len() * BLOCK == n * k,
+        "{n}x{k} codes with one scale per block of {BLOCK}"
+    );
     let blocks = k / BLOCK;
     let mut codes_kn = vec![0i8; n * k];
     for (j, row) in codes.chunks_exact(k).enumerate() {
@@ -262,7 +284,14 @@ pub fn column_scheme(scheme: Quantization) -> QuantScheme {
 }
 
 /// `c · s` for codes of a row-major `[out, in]` matrix and their block scales.
+///
+/// # Panics
+/// If `k` is not a multiple of [`BLOCK`] or `scales` holds fewer than one per block.
 pub fn dequantize_host(codes: &[i8], scales: &[f32], k: usize) -> Vec<f32> {
+    assert!(
+        quantizable(k) && scales.len() * BLOCK >= codes.len(),
+        "rows of {k} inputs, one scale per block of {BLOCK}"
+    );
     let blocks = k / BLOCK;
     codes
         .chunks(k)
@@ -284,7 +313,10 @@ mod tests {
         let codes: Vec<i8> = (-7..=7).chain(-7..=7).collect();
         for scheme in [Quantization::Q4, Quantization::Q8] {
             let packed = scheme.pack(&codes);
-            assert_eq!(packed.len(), codes.len() * scheme.bits() / 8 + codes.len() % 2);
+            assert_eq!(
+                packed.len(),
+                codes.len() * scheme.bits() / 8 + codes.len() % 2
+            );
             assert_eq!(scheme.unpack(&packed, codes.len()), codes);
         }
         assert_eq!(Quantization::Q4.pack(&[-7, 7]), vec![0x01 | (0x0f << 4)]);
@@ -302,7 +334,10 @@ mod tests {
             let back = dequantize_host(&codes, &scales, k);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
                 let step = scales[i / BLOCK];
-                assert!((a - b).abs() <= 0.5 * step * 1.01, "{scheme} {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 0.5 * step * 1.01,
+                    "{scheme} {i}: {a} vs {b}"
+                );
             }
             // The largest magnitude of every block maps to the largest code.
             for block in codes.chunks(BLOCK) {

@@ -612,7 +612,7 @@ impl Filler<'_> {
         let scale_key = format!("{key}{SCALE_SUFFIX}");
         if let Some(scales) = part.entries.get(&scale_key) {
             self.used.insert(scale_key);
-            return self.build_quantized(key, entry, scales, dtype, want);
+            return self.build_quantized(key, entry, scales, dtype, role, want);
         }
         let Some(from) = float_dtype(entry.dtype) else {
             self.problems.push(format!(
@@ -690,6 +690,7 @@ impl Filler<'_> {
         entry: &Entry,
         scales: &Entry,
         dtype: DType,
+        role: Role,
         want: &[usize],
     ) -> Option<Tensor<D>> {
         let part = self.part?;
@@ -700,10 +701,11 @@ impl Filler<'_> {
             return None;
         };
         let (k, n) = match want {
-            [k, n] if quantize::quantizable(*k) => (*k, *n),
+            [k, n] if quantizes(Some(q), key, role, want) => (*k, *n),
             _ => {
-                self.problems
-                    .push(format!("{key}: stored quantized, but it is not a quantizable linear weight"));
+                self.problems.push(format!(
+                    "{key}: stored quantized, but with this config it is a float tensor"
+                ));
                 return None;
             }
         };
@@ -727,16 +729,26 @@ impl Filler<'_> {
             return None;
         }
         let codes = q.scheme.unpack(part.data(entry), n * k);
+        let max = q.scheme.max_code();
+        if let Some(bad) = codes.iter().find(|c| c.unsigned_abs() > max as u8) {
+            self.problems.push(format!(
+                "{key}: a code is {bad}, outside the {} range {}..={max}",
+                q.scheme, -max
+            ));
+            return None;
+        }
         let scale_values: Vec<f32> = typed::<f16>(part.data(scales))
             .iter()
             .map(|s| s.to_f32())
             .collect();
-        if let Some(bad) = scale_values.iter().find(|s| !s.is_finite()) {
-            self.problems
-                .push(format!("{key}{SCALE_SUFFIX}: a scale is {bad}"));
+        if let Some(bad) = scale_values.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            self.problems.push(format!(
+                "{key}{SCALE_SUFFIX}: a scale is {bad} (scales are positive and finite)"
+            ));
             return None;
         }
         part.release(entry);
+        part.release(scales);
         Some(place_quantized(
             &self.device,
             self.out_in,
@@ -747,7 +759,6 @@ impl Filler<'_> {
             dtype,
         ))
     }
-
 }
 
 /// A linear weight's values on the host, `[n, k]` row-major: floats, or stored codes and
@@ -770,27 +781,6 @@ fn place_quantized<const D: usize>(
     scheme: Quantization,
     dtype: DType,
 ) -> Tensor<D> {
-    if native && out_in {
-        // Flex: the codes laid out as Burn sees the weight, [k, n] with blocks of 32 down each
-        // column, which the CPU kernels read as they are (a transposed view would be
-        // re-quantized by every operation on it).
-        let (codes, scales) = match weight {
-            HostWeight::Codes(codes, scales) => (codes, scales),
-            HostWeight::Values(values) => {
-                let (codes, scales) = quantize::quantize_host(&values, k, scheme);
-                (codes, scales.iter().map(|s| s.to_f32()).collect())
-            }
-        };
-        return Tensor::<D>::from_data(quantize::columns(&codes, &scales, n, k, scheme), device);
-    }
-    if native {
-        let values = match weight {
-            HostWeight::Codes(codes, scales) => quantize::dequantize_host(&codes, &scales, k),
-            HostWeight::Values(values) => values,
-        };
-        let w = Tensor::<D>::from_data(TensorData::new(values, [n, k]), (device, DType::F32));
-        return w.quantize_dynamic(&scheme.scheme()).transpose();
-    }
     let (codes, scales) = match weight {
         HostWeight::Codes(codes, scales) => (codes, scales),
         HostWeight::Values(values) => {
@@ -798,15 +788,30 @@ fn place_quantized<const D: usize>(
             (codes, scales.iter().map(|s| s.to_f32()).collect())
         }
     };
-    let values = quantize::dequantize_host(&codes, &scales, k);
-    let bytes = convert(bytemuck::cast_slice(&values), DType::F32, dtype, &[n, k], !out_in);
-    if out_in {
-        let stored = TensorData::from_bytes(bytes, [n, k], dtype);
-        Tensor::<D>::from_data(stored, (device, dtype)).transpose()
-    } else {
-        let stored = TensorData::from_bytes(bytes, [k, n], dtype);
-        Tensor::<D>::from_data(stored, (device, dtype))
+    if native && out_in {
+        // Flex: the codes laid out as Burn sees the weight, [k, n] with blocks of 32 down each
+        // column, which the CPU kernels read as they are (a transposed view would be
+        // re-quantized by every operation on it).
+        return Tensor::<D>::from_data(quantize::columns(&codes, &scales, n, k, scheme), device);
     }
+    let values = quantize::dequantize_host(&codes, &scales, k);
+    if native {
+        // Burn's GPU kernels re-derive the scales from the values: the same codes, except in a
+        // block whose f16 scale is subnormal (weights below about 2e-3 in q8), where a code
+        // can move by one step.
+        let w = Tensor::<D>::from_data(TensorData::new(values, [n, k]), (device, DType::F32));
+        return w.quantize_dynamic(&scheme.scheme()).transpose();
+    }
+    // No quantized arithmetic (ndarray, libtorch): the same weights in float, `[k, n]`.
+    let bytes = convert(
+        bytemuck::cast_slice(&values),
+        DType::F32,
+        dtype,
+        &[n, k],
+        true,
+    );
+    let stored = TensorData::from_bytes(bytes, [k, n], dtype);
+    Tensor::<D>::from_data(stored, (device, dtype))
 }
 
 /// Whether the linear weight `key` (Burn shape `[in, out]`) gets quantized under `config`:
@@ -921,8 +926,10 @@ impl ModuleMapper for Filler<'_> {
         self.expected.insert(key.clone(), official_shape);
         match self.build::<D>(&key, dtype, role, &want) {
             Some(tensor) => {
-                if let Some(entry) = self.part.and_then(|p| p.entries.get(&key)) {
-                    (self.progress)((entry.end - entry.start) as u64);
+                for name in [key.clone(), format!("{key}{SCALE_SUFFIX}")] {
+                    if let Some(entry) = self.part.and_then(|p| p.entries.get(&name)) {
+                        (self.progress)((entry.end - entry.start) as u64);
+                    }
                 }
                 let id = param.id;
                 param.transform_for_load(tensor, id)
@@ -953,6 +960,15 @@ impl WeightLoader {
     /// undrawn (Burn draws a parameter on first use), so loading never pays for a random
     /// initialisation it overwrites.
     pub fn new(config: PhantomConfig, device: &Device, options: LoadOptions) -> Self {
+        let mut problems = Vec::new();
+        if let (Some(stored), Some(wanted)) = (config.quantization, options.quantize)
+            && stored.scheme != wanted.scheme
+        {
+            problems.push(format!(
+                "the checkpoint is quantized as {}; it cannot be loaded as {}",
+                stored.scheme, wanted.scheme
+            ));
+        }
         let options = LoadOptions {
             quantize: config.quantization.or(options.quantize),
             ..options
@@ -963,7 +979,7 @@ impl WeightLoader {
             expected: BTreeMap::new(),
             loaded: BTreeSet::new(),
             unexpected: BTreeSet::new(),
-            problems: Vec::new(),
+            problems,
             sources: Vec::new(),
         }
     }
@@ -1126,18 +1142,11 @@ impl safetensors::View for Stored {
 }
 
 impl Collector {
-    /// A quantized weight, dequantized to `[n, k]`, as its codes and block scales
-    /// ([`crate::quantize`]), re-derived on the host, which reproduces them exactly.
-    fn quantized<const D: usize>(&mut self, key: String, value: Tensor<D>, scheme: Quantization, n: usize, k: usize) {
-        let codes_and_scales = move || {
-            let values: Vec<f32> = value
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap_or_default();
-            quantize::quantize_host(&values, k, scheme)
-        };
+    /// A quantized linear weight (Burn's view `[k, n]`) as its codes and block scales
+    /// ([`crate::quantize`]), each computed when the writer asks for it.
+    fn quantized<const D: usize>(&mut self, key: String, weight: Tensor<D>, scheme: Quantization) {
+        let [k, n] = [weight.dims()[0], weight.dims()[D - 1]];
+        let codes_and_scales = move || stored_codes(weight.clone(), scheme);
         let (code_dtype, code_shape) = match scheme {
             Quantization::Q8 => (Dtype::I8, vec![n, k]),
             Quantization::Q4 => (Dtype::U8, vec![n, k / 2]),
@@ -1159,10 +1168,39 @@ impl Collector {
                 dtype: Dtype::F16,
                 bytes: scale_shape.iter().product::<usize>() * 2,
                 shape: scale_shape,
-                data: Box::new(move || bytemuck::cast_slice(&codes_and_scales().1).to_vec()),
+                data: Box::new(move || {
+                    let scales: Vec<f16> = codes_and_scales()
+                        .1
+                        .iter()
+                        .map(|&s| f16::from_f32(s))
+                        .collect();
+                    bytemuck::cast_slice(&scales).to_vec()
+                }),
             },
         ));
     }
+}
+
+/// The codes (`[n, k]`) and block scales (`[n, k / 32]`) of a quantized linear weight seen as
+/// `[k, n]`: read as they lie on flex; elsewhere re-derived from the dequantized values, which
+/// gives them back unless a block's f16 scale is subnormal (weights below about 2e-3 in q8).
+fn stored_codes<const D: usize>(weight: Tensor<D>, scheme: Quantization) -> (Vec<i8>, Vec<f32>) {
+    // A linear weight has rank 2 (an operation such as a reshape would re-quantize it).
+    let weight = Tensor::<2>::from_dispatch(weight.into_dispatch());
+    let [k, _] = weight.dims();
+    #[cfg(feature = "cpu-kernels")]
+    if let Some(parts) = crate::kernels::quantized_parts(&weight) {
+        return parts;
+    }
+    let values: Vec<f32> = weight
+        .dequantize()
+        .transpose()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default();
+    let (codes, scales) = quantize::quantize_host(&values, k, scheme);
+    (codes, scales.iter().map(|s| s.to_f32()).collect())
 }
 
 impl ModuleVisitor for Collector {
@@ -1177,19 +1215,18 @@ impl ModuleVisitor for Collector {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
         let mut value = param.val();
-        let quantized = matches!(value.dtype(), DType::QFloat(_));
-        if quantized {
-            // Transposing a quantized tensor re-quantizes it; its values transpose for free.
-            value = value.dequantize();
+        if let (DType::QFloat(_), Some(q), true) = (
+            value.dtype(),
+            self.quantization,
+            role == Role::LinearWeight && D == 2,
+        ) {
+            self.quantized(key, value, q.scheme);
+            return;
         }
         if role == Role::LinearWeight && D == 2 {
             value = value.transpose();
         }
         let shape = value.dims().to_vec();
-        if let (true, Some(q), [n, k]) = (quantized, self.quantization, shape.as_slice()) {
-            self.quantized(key, value, q.scheme, *n, *k);
-            return;
-        }
         let dtype = self.dtype;
         let bytes = shape.iter().product::<usize>() * dtype.size();
         let data = Box::new(move || {

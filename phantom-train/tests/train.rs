@@ -593,7 +593,11 @@ fn the_demo_model_keeps_its_held_out_accuracy_when_quantized() {
             .output()
             .expect("phantom-train runs");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let re = regex::Regex::new(r"held-out accuracy ([0-9.]+)%").unwrap();
         re.captures(&stdout)
             .and_then(|c| c[1].parse().ok())

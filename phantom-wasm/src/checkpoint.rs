@@ -197,11 +197,12 @@ fn is_scale_of(name: &str, weight: &str) -> bool {
 fn with_scales_after_weights(tensors: Vec<TensorEntry>) -> Vec<TensorEntry> {
     let suffix = phantom_model::weights::SCALE_SUFFIX;
     let names: std::collections::HashSet<String> = tensors.iter().map(|t| t.name.clone()).collect();
-    let (scales, others): (Vec<TensorEntry>, Vec<TensorEntry>) = tensors.into_iter().partition(|t| {
-        t.name
-            .strip_suffix(suffix)
-            .is_some_and(|weight| names.contains(weight))
-    });
+    let (scales, others): (Vec<TensorEntry>, Vec<TensorEntry>) =
+        tensors.into_iter().partition(|t| {
+            t.name
+                .strip_suffix(suffix)
+                .is_some_and(|weight| names.contains(weight))
+        });
     let mut scales: std::collections::HashMap<String, TensorEntry> =
         scales.into_iter().map(|t| (t.name.clone(), t)).collect();
     let mut ordered = Vec::with_capacity(others.len() + scales.len());

@@ -42,19 +42,39 @@ impl Footprint {
     /// Measures the checkpoint described by `headers` (one per file or shard).
     pub fn of(headers: &[Header]) -> Self {
         let mut f = Self::default();
+        let suffix = phantom_model::weights::SCALE_SUFFIX;
+        let names: std::collections::HashSet<&str> = headers
+            .iter()
+            .flat_map(|h| &h.tensors)
+            .map(|t| t.name.as_str())
+            .collect();
         for t in headers.iter().flat_map(|h| &h.tensors) {
-            let n = t.elements();
             let file_bytes = t.data.end - t.data.start;
+            // Quantized weights: 4-bit codes are two to a byte on disk and one to a byte on
+            // the CPU; block scales are loaded as f32 and are not parameters.
+            let codes = names.contains(format!("{}{suffix}", t.name).as_str());
+            let scales = t
+                .name
+                .strip_suffix(suffix)
+                .is_some_and(|weight| names.contains(weight));
+            let per_byte = if codes && t.dtype == "U8" { 2 } else { 1 };
+            let n = t.elements().saturating_mul(per_byte);
             let loaded = if t.is_float() {
-                n.saturating_mul(4)
+                t.elements().saturating_mul(4)
+            } else if codes {
+                n
             } else {
                 file_bytes
             };
-            f.parameters += n;
+            if !scales {
+                f.parameters += n;
+            }
             f.weight_bytes += loaded;
             f.file_bytes += file_bytes;
-            if f.largest.as_ref().is_none_or(|(_, b)| loaded > *b) {
-                f.largest = Some((t.name.clone(), loaded));
+            // A quantized weight passes through the device in f32 while it is quantized there.
+            let buffer = if codes { n.saturating_mul(4) } else { loaded };
+            if f.largest.as_ref().is_none_or(|(_, b)| buffer > *b) {
+                f.largest = Some((t.name.clone(), buffer));
             }
         }
         f
@@ -193,7 +213,11 @@ mod tests {
         let tensors = tensors
             .iter()
             .map(|&(name, dtype, n)| {
-                let size = if dtype == "BF16" { 2 } else { 4 };
+                let size = match dtype {
+                    "BF16" | "F16" => 2,
+                    "U8" | "I8" => 1,
+                    _ => 4,
+                };
                 let t = TensorEntry {
                     name: name.into(),
                     dtype: dtype.into(),
@@ -222,6 +246,20 @@ mod tests {
         assert_eq!(f.weight_bytes, 4000 + 40 + 12);
         assert_eq!(f.file_bytes, 2000 + 40 + 12);
         assert_eq!(f.largest, Some(("embed".into(), 4000)));
+    }
+
+    #[test]
+    fn footprint_counts_quantized_codes_as_loaded() {
+        // A q4 weight of 64 x 64: 2048 bytes of codes, 128 f16 scales.
+        let f = Footprint::of(&[header(&[
+            ("w.weight", "U8", 2048),
+            ("w.weight_scale", "F16", 128),
+            ("norm", "F32", 64),
+        ])]);
+        assert_eq!(f.parameters, 4096 + 64);
+        assert_eq!(f.weight_bytes, 4096 + 128 * 4 + 64 * 4);
+        assert_eq!(f.file_bytes, 2048 + 256 + 256);
+        assert_eq!(f.largest, Some(("w.weight".into(), 4096 * 4)));
     }
 
     #[test]

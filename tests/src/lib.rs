@@ -12,7 +12,9 @@ pub fn fixtures() -> PathBuf {
 
 /// `tests/fixtures/{name}`: the fixtures made here rather than copied from the shared set.
 pub fn own_fixtures(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// A safetensors file read whole into memory.
@@ -47,7 +49,12 @@ impl Tensors {
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.view().names().into_iter().map(str::to_string).collect();
+        let mut names: Vec<String> = self
+            .view()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         names.sort();
         names
     }

@@ -100,7 +100,13 @@ fn quantized_kernels_equal_the_model_with_dequantized_weights() {
                 let what = format!("{name} {scheme} on {device_name}");
                 let (text, mm, keep) = logits(&fx, &model, &device);
                 let (want_text, want_mm, _) = logits(&fx, &dequantized(model), &device);
-                assert_close(&format!("{what}: text"), &text, &want_text, Some(&keep), 1e-4);
+                assert_close(
+                    &format!("{what}: text"),
+                    &text,
+                    &want_text,
+                    Some(&keep),
+                    1e-4,
+                );
                 assert_close(&format!("{what}: picture"), &mm, &want_mm, None, 1e-4);
                 match &first {
                     None => first = Some((device_name, text, mm)),
@@ -158,7 +164,13 @@ fn a_quantized_folder_loads_back_to_the_same_model_on_every_backend() {
             let back = load(dir.path(), &device, None);
             let (text, mm, _) = logits(&fx, &back, &device);
             let what = format!("{scheme} folder on {device_name}");
-            assert_close(&format!("{what}: text"), &text, &want_text, Some(&keep), 1e-4);
+            assert_close(
+                &format!("{what}: text"),
+                &text,
+                &want_text,
+                Some(&keep),
+                1e-4,
+            );
             assert_close(&format!("{what}: picture"), &mm, &want_mm, None, 1e-4);
         }
         // Asking for the scheme it has is fine; another one is refused.
@@ -168,23 +180,40 @@ fn a_quantized_folder_loads_back_to_the_same_model_on_every_backend() {
             Quantization::Q8 => Quantization::Q4,
             Quantization::Q4 => Quantization::Q8,
         };
-        let err = load_model(dir.path(), &device, LoadOptions::default().quantized(Some(other)))
-            .err()
-            .expect("another scheme is refused")
-            .to_string();
+        let err = load_model(
+            dir.path(),
+            &device,
+            LoadOptions::default().quantized(Some(other)),
+        )
+        .err()
+        .expect("another scheme is refused")
+        .to_string();
         assert!(err.contains("already quantized"), "{err}");
     }
 }
 
 /// Rewrites `tensor` of the folder's weights with `dtype`, `shape` and `bytes`.
-fn replace_tensor(dir: &std::path::Path, tensor: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) {
+fn replace_tensor(
+    dir: &std::path::Path,
+    tensor: &str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+) {
     let path = dir.join("model.safetensors");
     let data = std::fs::read(&path).expect("weights");
     let file = safetensors::SafeTensors::deserialize(&data).expect("safetensors");
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = file
         .tensors()
         .into_iter()
-        .map(|(name, view)| (name, view.dtype(), view.shape().to_vec(), view.data().to_vec()))
+        .map(|(name, view)| {
+            (
+                name,
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            )
+        })
         .collect();
     let entry = tensors
         .iter_mut()
@@ -194,14 +223,64 @@ fn replace_tensor(dir: &std::path::Path, tensor: &str, dtype: Dtype, shape: Vec<
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .expect("view");
+            let view =
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).expect("view");
             (name.clone(), view)
         })
         .collect();
     let out = safetensors::serialize(views, None).expect("serialize");
     drop(file);
     std::fs::write(&path, out).expect("write");
+}
+
+/// Every quantized weight of `model`, dequantized, by parameter path.
+fn dequantized_weights(model: &PhantomModel) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            if let DType::QFloat(_) = t.dtype() {
+                self.0.push(values(t.dequantize()));
+            }
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+#[test]
+fn tiny_weights_keep_their_codes_through_a_folder() {
+    // A layer scaled down 1000×: its f16 scales are subnormal, where a block's largest code
+    // can fall short of ±127 and re-deriving codes from values would change them. Flex keeps
+    // the stored codes (Burn's GPU kernels re-derive them, see `weights.rs`).
+    let fx = Fixture::open("tiny_tied");
+    let dir = tempfile::tempdir().expect("temporary folder");
+    std::fs::copy(fx.dir().join("config.json"), dir.path().join("config.json")).expect("config");
+    std::fs::copy(
+        fx.dir().join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .expect("weights");
+    let key = "language_model.model.layers.0.mlp.down_proj.weight";
+    let (dtype, shape, bytes) = Tensors::open(dir.path().join("model.safetensors")).raw(key);
+    let small: Vec<u8> = bytes
+        .chunks_exact(4)
+        .flat_map(|b| (f32::from_le_bytes(b.try_into().expect("4 bytes")) * 1e-3).to_le_bytes())
+        .collect();
+    replace_tensor(dir.path(), key, dtype, shape, small);
+
+    let flex = phantom_model::device::device(Some("flex")).expect("flex");
+    let model = load(dir.path(), &flex, Some(Quantization::Q8));
+    let want = dequantized_weights(&model);
+    let out = tempfile::tempdir().expect("temporary folder");
+    save_model_as(&model, out.path(), DType::F32).expect("writing");
+    let back = load(out.path(), &flex, None);
+    let got = dequantized_weights(&back);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "quantized weight {i} changed through the folder");
+    }
 }
 
 #[test]
@@ -217,13 +296,28 @@ fn broken_quantized_folders_are_named() {
 
     // Scales of the wrong shape.
     let (dir, _, _) = quantized_folder(Quantization::Q8);
-    replace_tensor(dir.path(), &format!("{key}_scale"), Dtype::F16, vec![64, 3], vec![0; 64 * 3 * 2]);
+    replace_tensor(
+        dir.path(),
+        &format!("{key}_scale"),
+        Dtype::F16,
+        vec![64, 3],
+        vec![0; 64 * 3 * 2],
+    );
     let err = load_err(dir.path());
-    assert!(err.contains(&format!("{key}_scale")) && err.contains("[64, 2]"), "{err}");
+    assert!(
+        err.contains(&format!("{key}_scale")) && err.contains("[64, 2]"),
+        "{err}"
+    );
 
     // Codes of the wrong dtype for the scheme (4-bit codes in a q8 folder).
     let (dir, _, _) = quantized_folder(Quantization::Q8);
-    replace_tensor(dir.path(), key, Dtype::U8, vec![64, 32], vec![0x88; 64 * 32]);
+    replace_tensor(
+        dir.path(),
+        key,
+        Dtype::U8,
+        vec![64, 32],
+        vec![0x88; 64 * 32],
+    );
     let err = load_err(dir.path());
     assert!(err.contains(key) && err.contains("I8"), "{err}");
 
@@ -231,22 +325,59 @@ fn broken_quantized_folders_are_named() {
     let (dir, _, _) = quantized_folder(Quantization::Q4);
     let nan = half::f16::NAN.to_bits().to_le_bytes();
     let bytes: Vec<u8> = (0..64 * 2).flat_map(|_| nan).collect();
-    replace_tensor(dir.path(), &format!("{key}_scale"), Dtype::F16, vec![64, 2], bytes);
+    replace_tensor(
+        dir.path(),
+        &format!("{key}_scale"),
+        Dtype::F16,
+        vec![64, 2],
+        bytes,
+    );
     let err = load_err(dir.path());
-    assert!(err.contains(&format!("{key}_scale")) && err.contains("NaN"), "{err}");
+    assert!(
+        err.contains(&format!("{key}_scale")) && err.contains("NaN"),
+        "{err}"
+    );
+
+    // A code outside the scheme's range (−128 in q8).
+    let (dir, _, _) = quantized_folder(Quantization::Q8);
+    let (dtype, shape, mut bytes) = Tensors::open(dir.path().join("model.safetensors")).raw(key);
+    bytes[5] = 0x80;
+    replace_tensor(dir.path(), key, dtype, shape, bytes);
+    let err = load_err(dir.path());
+    assert!(err.contains(key) && err.contains("-128"), "{err}");
+
+    // A scale of zero.
+    let (dir, _, _) = quantized_folder(Quantization::Q8);
+    replace_tensor(
+        dir.path(),
+        &format!("{key}_scale"),
+        Dtype::F16,
+        vec![64, 2],
+        vec![0; 64 * 2 * 2],
+    );
+    let err = load_err(dir.path());
+    assert!(
+        err.contains(&format!("{key}_scale")) && err.contains("positive"),
+        "{err}"
+    );
 
     // Codes without a quantization section.
     let (dir, _, _) = quantized_folder(Quantization::Q8);
     let config_path = dir.path().join("config.json");
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("config")).expect("JSON");
-    config.as_object_mut().expect("object").remove("quantization");
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("config"))
+            .expect("JSON");
+    config
+        .as_object_mut()
+        .expect("object")
+        .remove("quantization");
     std::fs::write(&config_path, config.to_string()).expect("write");
     let err = load_err(dir.path());
     assert!(err.contains("no `quantization` section"), "{err}");
 
     // An unknown scheme in config.json.
-    config["quantization"] = serde_json::json!({"scheme": "q3", "block_size": 32, "scale_dtype": "f16"});
+    config["quantization"] =
+        serde_json::json!({"scheme": "q3", "block_size": 32, "scale_dtype": "f16"});
     std::fs::write(&config_path, config.to_string()).expect("write");
     let err = load_err(dir.path());
     assert!(err.contains("q3"), "{err}");
@@ -259,7 +390,9 @@ fn quantized_models_stay_close_to_the_float_model() {
         let fx = Fixture::open(name);
         let (float_text, float_mm, keep) = logits(&fx, &fx.model(&device), &device);
         let v = 512;
-        for (scheme, min_top1, max_kl) in [(Quantization::Q8, 0.9, 1e-3), (Quantization::Q4, 0.4, 0.1)] {
+        for (scheme, min_top1, max_kl) in
+            [(Quantization::Q8, 0.9, 1e-3), (Quantization::Q4, 0.4, 0.1)]
+        {
             let model = load(&fx.dir(), &device, Some(scheme));
             let (text, mm, _) = logits(&fx, &model, &device);
             let (top1_text, kl_text) = agreement(&float_text, &text, v, Some(&keep));

@@ -98,7 +98,10 @@ fn quantized_checkpoint(bin: &Path, f32_dir: &Path, scheme: &str) -> anyhow::Res
             .arg("--out")
             .arg(&dir)
             .args(["--scheme", scheme, "--overwrite"]);
-        run(quantize, &format!("quantizing the 0.5B checkpoint as {scheme}"))?;
+        run(
+            quantize,
+            &format!("quantizing the 0.5B checkpoint as {scheme}"),
+        )?;
     }
     Ok(dir)
 }

@@ -93,7 +93,10 @@ pub fn quantized(model: &Path, scheme: &str, native_bin: Option<&Path>) -> anyho
         .arg("--out")
         .arg(&out)
         .args(["--scheme", scheme, "--overwrite"]);
-    run(quantize, &format!("quantizing {} as {scheme}", model.display()))?;
+    run(
+        quantize,
+        &format!("quantizing {} as {scheme}", model.display()),
+    )?;
     Ok(out)
 }
 

@@ -23,6 +23,8 @@ use half::{bf16, f16};
 
 pub use dot::MAX_ROWS;
 
+use crate::quantize::BLOCK;
+
 /// Threads the kernels split work over.
 fn threads() -> usize {
     #[cfg(feature = "threads")]
@@ -138,24 +140,22 @@ fn flex_tensor(values: Vec<f32>, shape: [usize; 2], dtype: DType) -> Tensor<2> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(data))
 }
 
-/// `x · w` for `x` `[m, k]` and a quantized weight `w_kn` seen as `[k, n]` and stored so on a
-/// flex device, with blocks of 32 inputs down each column ([`crate::quantize::columns`]);
-/// `[m, n]` in `x`'s dtype. `None` for any other device, layout or scheme.
-pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
+/// The codes (`[k, n]`, row-major) and block scales (`[k / 32, n]`) of a quantized weight
+/// `w_kn` stored on flex as [`crate::quantize::columns`] lays it out; `None` for any other
+/// device, layout or scheme.
+fn quantized_codes(w_kn: &Tensor<2>) -> Option<(burn_flex::FlexQTensor, usize, usize)> {
     use burn_dispatch::{BackendTensor, DispatchKindConversion, DispatchTensor};
-    if !is_flex(&x.device()) || !is_flex(&w_kn.device()) {
+    if !is_flex(&w_kn.device()) {
         return None;
     }
-    let [m, k] = x.dims();
-    let [k_w, n] = w_kn.dims();
+    let [k, n] = w_kn.dims();
     let DType::QFloat(scheme) = w_kn.dtype() else {
         return None;
     };
-    if k != k_w || !k.is_multiple_of(quant::BLOCK_SIZE) || scheme.tensor_scale().is_some() {
+    if !k.is_multiple_of(BLOCK) || scheme.tensor_scale().is_some() {
         return None;
     }
-    let block = scheme.block_size()?;
-    if block.as_slice() != [quant::BLOCK_SIZE as u8, 1] {
+    if scheme.block_size()?.as_slice() != [BLOCK as u8, 1] {
         return None;
     }
     let dispatch = w_kn.clone().into_dispatch();
@@ -165,14 +165,43 @@ pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     };
     let codes = contiguous_values::<i8>(q.tensor())?;
-    let scales = q.scales();
-    if codes.len() != n * k || scales.len() != n * k / quant::BLOCK_SIZE {
+    if codes.len() != n * k || q.scales().len() != n * k / BLOCK {
         return None;
     }
+    Some((q, k, n))
+}
+
+/// `x · w` for `x` `[m, k]` and a quantized weight `w_kn` seen as `[k, n]` and stored so on a
+/// flex device, with blocks of 32 inputs down each column ([`crate::quantize::columns`]);
+/// `[m, n]` in `x`'s dtype. `None` for any other device, layout or scheme.
+pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
+    if !is_flex(&x.device()) {
+        return None;
+    }
+    let [m, k] = x.dims();
+    let (q, k_w, n) = quantized_codes(w_kn)?;
+    if k != k_w {
+        return None;
+    }
+    let codes = contiguous_values::<i8>(q.tensor())?;
     let out_dtype = x.dtype();
     let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
-    let y = quant::product(&xs, m, k, codes, scales, n);
+    let y = quant::product(&xs, m, k, codes, q.scales(), n);
     Some(flex_tensor(y, [m, n], out_dtype))
+}
+
+/// The codes (`[n, k]`) and block scales (`[n, k / 32]`) of a quantized flex weight seen as
+/// `[k, n]`, in the checkpoint's order, exactly as stored.
+pub fn quantized_parts(w_kn: &Tensor<2>) -> Option<(Vec<i8>, Vec<f32>)> {
+    let (q, k, n) = quantized_codes(w_kn)?;
+    let codes = contiguous_values::<i8>(q.tensor())?;
+    let scales = q.scales();
+    let blocks = k / BLOCK;
+    let codes_nk = (0..n * k).map(|e| codes[(e % k) * n + e / k]).collect();
+    let scales_nk = (0..n * blocks)
+        .map(|e| scales[(e % blocks) * n + e / blocks])
+        .collect();
+    Some((codes_nk, scales_nk))
 }
 
 fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {

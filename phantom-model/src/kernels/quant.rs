@@ -11,9 +11,6 @@
 use super::dot::{Isa, MAX_ROWS, isa};
 use crate::quantize::BLOCK;
 
-/// Inputs per scale.
-pub const BLOCK_SIZE: usize = BLOCK;
-
 /// Output columns widened at a time: one code row of them fits a few vector registers.
 const TILE: usize = 64;
 
@@ -292,8 +289,9 @@ mod tests {
                 // The kernels read the transposed layout, [k, n] codes and [k / 32, n] scales.
                 let blocks = k / BLOCK;
                 let codes_kn: Vec<i8> = (0..k * n).map(|e| codes[(e % n) * k + e / n]).collect();
-                let scales_kn: Vec<f32> =
-                    (0..blocks * n).map(|e| scales[(e % n) * blocks + e / n]).collect();
+                let scales_kn: Vec<f32> = (0..blocks * n)
+                    .map(|e| scales[(e % n) * blocks + e / n])
+                    .collect();
                 let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
                 let e = worst(&product(&x, m, k, &codes_kn, &scales_kn, n), &want);
                 assert!(e <= tol, "{scheme} {m}x{k}x{n}: off by {e}");
