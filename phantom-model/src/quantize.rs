@@ -81,6 +81,18 @@ impl Quantization {
             .per_block([1, BLOCK as u8], ScaleDtype::F16)
     }
 
+    /// [`Quantization::scheme`] with f32 scales, for Burn's GPU kernels: WebGPU adapters
+    /// without `shader-f16` cannot read f16 scales.
+    pub fn gpu_scheme(self) -> QuantScheme {
+        let value = match self {
+            Self::Q8 => QuantValue::Q8S,
+            Self::Q4 => QuantValue::Q4S,
+        };
+        QuantScheme::default()
+            .with_value(value)
+            .per_block([1, BLOCK as u8], ScaleDtype::F32)
+    }
+
     /// The codes of `codes` (one per weight, row-major `[out, in]`, each within
     /// `−max_code..=max_code`) as stored on disk.
     pub fn pack(self, codes: &[i8]) -> Vec<u8> {

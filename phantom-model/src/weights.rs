@@ -798,9 +798,10 @@ fn place_quantized<const D: usize>(
     if native {
         // Burn's GPU kernels re-derive the scales from the values: the same codes, except in a
         // block whose f16 scale is subnormal (weights below about 2e-3 in q8), where a code
-        // can move by one step.
+        // can move by one step. They keep the scales in f32 (which holds every f16): adapters
+        // without `shader-f16` (many browsers' WebGPU) cannot run f16 scales.
         let w = Tensor::<D>::from_data(TensorData::new(values, [n, k]), (device, DType::F32));
-        return w.quantize_dynamic(&scheme.scheme()).transpose();
+        return w.quantize_dynamic(&scheme.gpu_scheme()).transpose();
     }
     // No quantized arithmetic (ndarray, libtorch): the same weights in float, `[k, n]`.
     let bytes = convert(

@@ -60,9 +60,15 @@ fn attend(q: Tensor<4>, cache: &LayerCache, mask: &AttentionMask, scale: f64) ->
     let scores = match &mask.hidden {
         Some(hidden) => {
             let t = hidden.dims()[3];
+            // The lowest value of the scores' own dtype (libtorch refuses one that overflows it).
+            let lowest = match scores.dtype() {
+                burn::tensor::DType::F16 => f64::from(half::f16::MIN.to_f32()),
+                burn::tensor::DType::BF16 => f64::from(half::bf16::MIN.to_f32()),
+                _ => f64::from(f32::MIN),
+            };
             scores
                 .reshape([b, hkv, rows / t, t, s])
-                .mask_fill(hidden.clone(), f32::MIN)
+                .mask_fill(hidden.clone(), lowest)
                 .reshape([b, hkv, rows, s])
         }
         None => scores,
