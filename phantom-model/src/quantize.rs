@@ -69,27 +69,27 @@ impl Quantization {
         }
     }
 
+    /// Burn's symmetric value type of these codes.
+    fn value(self) -> QuantValue {
+        match self {
+            Self::Q8 => QuantValue::Q8S,
+            Self::Q4 => QuantValue::Q4S,
+        }
+    }
+
     /// Burn's scheme for these weights: symmetric, blocks of [`BLOCK`] along the input
     /// dimension of an `[out, in]` matrix, f16 scales.
     pub fn scheme(self) -> QuantScheme {
-        let value = match self {
-            Self::Q8 => QuantValue::Q8S,
-            Self::Q4 => QuantValue::Q4S,
-        };
         QuantScheme::default()
-            .with_value(value)
+            .with_value(self.value())
             .per_block([1, BLOCK as u8], ScaleDtype::F16)
     }
 
     /// [`Quantization::scheme`] with f32 scales, for Burn's GPU kernels: WebGPU adapters
     /// without `shader-f16` cannot read f16 scales.
     pub fn gpu_scheme(self) -> QuantScheme {
-        let value = match self {
-            Self::Q8 => QuantValue::Q8S,
-            Self::Q4 => QuantValue::Q4S,
-        };
         QuantScheme::default()
-            .with_value(value)
+            .with_value(self.value())
             .per_block([1, BLOCK as u8], ScaleDtype::F32)
     }
 
@@ -285,12 +285,8 @@ pub fn columns(
 
 /// Burn's scheme of a weight laid out `[k, n]` with blocks of 32 down each column.
 pub fn column_scheme(scheme: Quantization) -> QuantScheme {
-    let value = match scheme {
-        Quantization::Q8 => QuantValue::Q8S,
-        Quantization::Q4 => QuantValue::Q4S,
-    };
     QuantScheme::default()
-        .with_value(value)
+        .with_value(scheme.value())
         .with_store(QuantStore::Native)
         .per_block([BLOCK as u8, 1], ScaleDtype::F16)
 }

@@ -294,71 +294,64 @@ fn broken_quantized_folders_are_named() {
             .to_string()
     };
 
-    // Scales of the wrong shape.
-    let (dir, _, _) = quantized_folder(Quantization::Q8);
-    replace_tensor(
-        dir.path(),
-        &format!("{key}_scale"),
+    // A fresh quantized folder with one tensor rewritten: the error loading it.
+    let broken = |scheme: Quantization, tensor: &str, dtype: Dtype, shape: &[usize], bytes| {
+        let (dir, _, _) = quantized_folder(scheme);
+        replace_tensor(dir.path(), tensor, dtype, shape.to_vec(), bytes);
+        load_err(dir.path())
+    };
+    let scales = format!("{key}_scale");
+
+    let err = broken(
+        Quantization::Q8,
+        &scales,
         Dtype::F16,
-        vec![64, 3],
+        &[64, 3],
         vec![0; 64 * 3 * 2],
     );
-    let err = load_err(dir.path());
     assert!(
-        err.contains(&format!("{key}_scale")) && err.contains("[64, 2]"),
-        "{err}"
+        err.contains(&scales) && err.contains("[64, 2]"),
+        "scales of the wrong shape: {err}"
     );
 
-    // Codes of the wrong dtype for the scheme (4-bit codes in a q8 folder).
-    let (dir, _, _) = quantized_folder(Quantization::Q8);
-    replace_tensor(
-        dir.path(),
+    let err = broken(
+        Quantization::Q8,
         key,
         Dtype::U8,
-        vec![64, 32],
+        &[64, 32],
         vec![0x88; 64 * 32],
     );
-    let err = load_err(dir.path());
-    assert!(err.contains(key) && err.contains("I8"), "{err}");
+    assert!(
+        err.contains(key) && err.contains("I8"),
+        "4-bit codes in a q8 folder: {err}"
+    );
 
-    // A scale that is not a number.
-    let (dir, _, _) = quantized_folder(Quantization::Q4);
     let nan = half::f16::NAN.to_bits().to_le_bytes();
     let bytes: Vec<u8> = (0..64 * 2).flat_map(|_| nan).collect();
-    replace_tensor(
-        dir.path(),
-        &format!("{key}_scale"),
-        Dtype::F16,
-        vec![64, 2],
-        bytes,
-    );
-    let err = load_err(dir.path());
+    let err = broken(Quantization::Q4, &scales, Dtype::F16, &[64, 2], bytes);
     assert!(
-        err.contains(&format!("{key}_scale")) && err.contains("NaN"),
-        "{err}"
+        err.contains(&scales) && err.contains("NaN"),
+        "a NaN scale: {err}"
     );
 
-    // A code outside the scheme's range (−128 in q8).
-    let (dir, _, _) = quantized_folder(Quantization::Q8);
-    let (dtype, shape, mut bytes) = Tensors::open(dir.path().join("model.safetensors")).raw(key);
-    bytes[5] = 0x80;
-    replace_tensor(dir.path(), key, dtype, shape, bytes);
-    let err = load_err(dir.path());
-    assert!(err.contains(key) && err.contains("-128"), "{err}");
+    let mut codes = vec![1u8; 64 * 64];
+    codes[5] = 0x80;
+    let err = broken(Quantization::Q8, key, Dtype::I8, &[64, 64], codes);
+    assert!(
+        err.contains(key) && err.contains("-128"),
+        "a code outside ±127: {err}"
+    );
 
-    // A scale of zero.
-    let (dir, _, _) = quantized_folder(Quantization::Q8);
-    replace_tensor(
-        dir.path(),
-        &format!("{key}_scale"),
+    let err = broken(
+        Quantization::Q8,
+        &scales,
         Dtype::F16,
-        vec![64, 2],
+        &[64, 2],
         vec![0; 64 * 2 * 2],
     );
-    let err = load_err(dir.path());
     assert!(
-        err.contains(&format!("{key}_scale")) && err.contains("positive"),
-        "{err}"
+        err.contains(&scales) && err.contains("positive"),
+        "a zero scale: {err}"
     );
 
     // Codes without a quantization section.
