@@ -185,8 +185,7 @@ fn a_quantized_folder_loads_back_to_the_same_model_on_every_backend() {
             &device,
             LoadOptions::default().quantized(Some(other)),
         )
-        .err()
-        .expect("another scheme is refused")
+        .expect_err("another scheme is refused")
         .to_string();
         assert!(err.contains("already quantized"), "{err}");
     }
@@ -289,8 +288,7 @@ fn broken_quantized_folders_are_named() {
     let key = "language_model.model.layers.1.self_attn.o_proj.weight";
     let load_err = |dir: &std::path::Path| -> String {
         load_model(dir, &device, LoadOptions::default())
-            .err()
-            .expect("the broken folder is refused")
+            .expect_err("the broken folder is refused")
             .to_string()
     };
 
