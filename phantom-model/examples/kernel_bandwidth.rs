@@ -59,7 +59,7 @@ fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
             let blocks = k / 32;
             let codes_kn = (0..k * n).map(|e| codes[(e % n) * k + e / n]).collect();
             let scales_kn = (0..blocks * n)
-                .map(|e| scales[(e % n) * blocks + e / n].to_f32())
+                .map(|e| scales[(e % n) * blocks + e / n])
                 .collect();
             (codes_kn, scales_kn)
         })

@@ -126,7 +126,7 @@ mod tests {
     use burn::nn::LinearConfig;
 
     use super::*;
-    use crate::testing::values;
+    use crate::testing::{values, worst, x_wt};
 
     /// `x · w + b` in f64 on the host, `x` `[rows, k]`, `w` `[k, n]`.
     fn reference(x: &[f32], w: &[f32], b: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -140,20 +140,6 @@ mod tests {
             }
         }
         out
-    }
-
-    /// Largest absolute difference; NaN if either side holds one.
-    fn worst(got: &[f32], want: &[f32]) -> f32 {
-        got.iter()
-            .zip(want)
-            .map(|(g, w)| (g - w).abs())
-            .fold(0.0f32, |m, d| {
-                if m.is_nan() || d.is_nan() {
-                    f32::NAN
-                } else {
-                    m.max(d)
-                }
-            })
     }
 
     fn host(t: Tensor<2>) -> Vec<f32> {
@@ -197,18 +183,11 @@ mod tests {
         let (v, d) = (1000, 64);
         let e = values(v * d, 4);
         let embedding = Tensor::<2>::from_data(TensorData::new(e.clone(), [v, d]), &device);
-        // Eᵀ as a [d, v] host matrix for the reference.
-        let mut et = vec![0.0f32; d * v];
-        for i in 0..v {
-            for j in 0..d {
-                et[j * v + i] = e[i * d + j];
-            }
-        }
         for rows in [1, 2, 12] {
             let h = values(rows * d, 5);
             let hidden = Tensor::<2>::from_data(TensorData::new(h.clone(), [rows, d]), &device);
             let got = host(tied_head(embedding.clone(), hidden));
-            let worst = worst(&got, &reference(&h, &et, &vec![0.0; v], rows, d, v));
+            let worst = worst(&got, &x_wt(&h, rows, d, &e, v));
             assert!(worst < 1e-4, "{rows} rows: off by {worst}");
         }
     }

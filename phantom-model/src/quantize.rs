@@ -215,11 +215,12 @@ pub fn native(device: &Device) -> bool {
 }
 
 /// Host-side quantization of a row-major `[out, in]` matrix, exactly as Burn's
-/// `quantize_dynamic` does it on flex: the codes and the f16 scales (`[out, in / 32]`).
+/// `quantize_dynamic` does it on flex: the codes and the scales (`[out, in / 32]`), each an
+/// f16 value held as f32.
 ///
 /// # Panics
 /// If `k` is zero or not a multiple of [`BLOCK`], or `w.len()` not a multiple of `k`.
-pub fn quantize_host(w: &[f32], k: usize, scheme: Quantization) -> (Vec<i8>, Vec<f16>) {
+pub fn quantize_host(w: &[f32], k: usize, scheme: Quantization) -> (Vec<i8>, Vec<f32>) {
     assert!(
         quantizable(k) && w.len().is_multiple_of(k),
         "rows of {k} inputs, in blocks of {BLOCK}"
@@ -230,8 +231,8 @@ pub fn quantize_host(w: &[f32], k: usize, scheme: Quantization) -> (Vec<i8>, Vec
     for row in w.chunks(k) {
         for block in row.chunks(BLOCK) {
             let peak = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = f16::from_f32(valid_scale(2.0 * peak / (2.0 * q)));
-            let inv = 1.0 / scale.to_f32();
+            let scale = f16::from_f32(valid_scale(2.0 * peak / (2.0 * q))).to_f32();
+            let inv = 1.0 / scale;
             scales.push(scale);
             codes.extend(block.iter().map(|&v| (v * inv).round().clamp(-q, q) as i8));
         }
@@ -338,7 +339,6 @@ mod tests {
             .collect();
         for scheme in [Quantization::Q8, Quantization::Q4] {
             let (codes, scales) = quantize_host(&w, k, scheme);
-            let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
             let back = dequantize_host(&codes, &scales, k);
             for (i, (a, b)) in w.iter().zip(&back).enumerate() {
                 let step = scales[i / BLOCK];

@@ -231,14 +231,11 @@ pub fn load_model_with_progress(
 ) -> Result<PhantomModel> {
     let dir = dir.as_ref();
     let config = PhantomConfig::from_file(dir.join(CONFIG_FILE))?;
-    if let (Some(stored), Some(wanted)) = (config.quantization, options.quantize)
-        && stored.scheme != wanted.scheme
-    {
+    // Refused before any weight is read.
+    if let Some(conflict) = scheme_conflict(&config, options) {
         return Err(PhantomError::Config(format!(
-            "{} is already quantized as {}; it cannot be loaded as {} (quantize the float folder instead)",
-            dir.display(),
-            stored.scheme,
-            wanted.scheme
+            "{}: {conflict}",
+            dir.display()
         )));
     }
     let files = weight_files(dir)?;
@@ -646,14 +643,13 @@ impl Filler<'_> {
             // Quantized from f32 in the checkpoint's [out, in] order.
             let bytes = convert(part.data(entry), from, DType::F32, &entry.shape, false);
             part.release(entry);
-            let values: Vec<f32> = typed::<f32>(&bytes).into_owned();
-            let shape = [entry.shape[0], entry.shape[1]];
+            let [n, k] = [entry.shape[0], entry.shape[1]];
             return Some(place_quantized(
                 &self.device,
                 self.out_in,
                 self.native_quantized,
-                HostWeight::Values(values),
-                shape,
+                quantize::quantize_host(&typed::<f32>(&bytes), k, q.scheme),
+                [n, k],
                 q.scheme,
                 dtype,
             ));
@@ -753,7 +749,7 @@ impl Filler<'_> {
             &self.device,
             self.out_in,
             self.native_quantized,
-            HostWeight::Codes(codes, scale_values),
+            (codes, scale_values),
             [n, k],
             q.scheme,
             dtype,
@@ -761,33 +757,20 @@ impl Filler<'_> {
     }
 }
 
-/// A linear weight's values on the host, `[n, k]` row-major: floats, or stored codes and
-/// their block scales.
-enum HostWeight {
-    Values(Vec<f32>),
-    Codes(Vec<i8>, Vec<f32>),
-}
-
-/// A linear weight `[n, k]` (Burn sees `[in, out]`) quantized as `scheme` on `device`: a
-/// quantized tensor where the device has quantized arithmetic (`native`), otherwise the
-/// dequantized values in `dtype` laid out as the device reads them, so that every backend
-/// computes with the same weights.
+/// A linear weight `[n, k]` (Burn sees `[in, out]`) given as its codes and block scales,
+/// placed on `device`: a quantized tensor where the device has quantized arithmetic
+/// (`native`), otherwise the dequantized values in `dtype` laid out as the device reads them,
+/// so that every backend computes with the same weights.
+#[allow(clippy::too_many_arguments)]
 fn place_quantized<const D: usize>(
     device: &Device,
     out_in: bool,
     native: bool,
-    weight: HostWeight,
+    (codes, scales): (Vec<i8>, Vec<f32>),
     [n, k]: [usize; 2],
     scheme: Quantization,
     dtype: DType,
 ) -> Tensor<D> {
-    let (codes, scales) = match weight {
-        HostWeight::Codes(codes, scales) => (codes, scales),
-        HostWeight::Values(values) => {
-            let (codes, scales) = quantize::quantize_host(&values, k, scheme);
-            (codes, scales.iter().map(|s| s.to_f32()).collect())
-        }
-    };
     if native && out_in {
         // Flex: the codes laid out as Burn sees the weight, [k, n] with blocks of 32 down each
         // column, which the CPU kernels read as they are (a transposed view would be
@@ -884,13 +867,25 @@ impl ModuleMapper for Quantizer {
                 &self.device,
                 self.out_in,
                 self.native,
-                HostWeight::Values(values),
+                quantize::quantize_host(&values, k, self.config.scheme),
                 [n, k],
                 self.config.scheme,
                 dtype,
             )
         })
     }
+}
+
+/// Why a checkpoint quantized as one scheme cannot load as the one `options` ask for.
+fn scheme_conflict(config: &PhantomConfig, options: LoadOptions) -> Option<String> {
+    let (stored, wanted) = (config.quantization?, options.quantize?);
+    (stored.scheme != wanted.scheme).then(|| {
+        format!(
+            "the checkpoint is already quantized as {}; it cannot be loaded as {} (quantize the \
+             float folder instead)",
+            stored.scheme, wanted.scheme
+        )
+    })
 }
 
 /// Suffix of the key holding a quantized weight's block scales.
@@ -961,15 +956,7 @@ impl WeightLoader {
     /// undrawn (Burn draws a parameter on first use), so loading never pays for a random
     /// initialisation it overwrites.
     pub fn new(config: PhantomConfig, device: &Device, options: LoadOptions) -> Self {
-        let mut problems = Vec::new();
-        if let (Some(stored), Some(wanted)) = (config.quantization, options.quantize)
-            && stored.scheme != wanted.scheme
-        {
-            problems.push(format!(
-                "the checkpoint is quantized as {}; it cannot be loaded as {}",
-                stored.scheme, wanted.scheme
-            ));
-        }
+        let problems = scheme_conflict(&config, options).into_iter().collect();
         let options = LoadOptions {
             quantize: config.quantization.or(options.quantize),
             ..options
@@ -1144,7 +1131,9 @@ impl safetensors::View for Stored {
 
 impl Collector {
     /// A quantized linear weight (Burn's view `[k, n]`) as its codes and block scales
-    /// ([`crate::quantize`]), each computed when the writer asks for it.
+    /// ([`crate::quantize`]), each computed when the writer asks for it: the writer orders
+    /// tensors by dtype, so keeping the codes until their scales are written would hold every
+    /// weight's codes at once.
     fn quantized<const D: usize>(&mut self, key: String, weight: Tensor<D>, scheme: Quantization) {
         let [k, n] = [weight.dims()[0], weight.dims()[D - 1]];
         let codes_and_scales = move || stored_codes(weight.clone(), scheme);
@@ -1200,8 +1189,7 @@ fn stored_codes<const D: usize>(weight: Tensor<D>, scheme: Quantization) -> (Vec
         .convert::<f32>()
         .try_into_vec::<f32>()
         .unwrap_or_default();
-    let (codes, scales) = quantize::quantize_host(&values, k, scheme);
-    (codes, scales.iter().map(|s| s.to_f32()).collect())
+    quantize::quantize_host(&values, k, scheme)
 }
 
 impl ModuleVisitor for Collector {

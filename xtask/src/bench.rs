@@ -90,18 +90,7 @@ fn checkpoint(bin: &Path, dtype: &str) -> anyhow::Result<PathBuf> {
 fn quantized_checkpoint(bin: &Path, f32_dir: &Path, scheme: &str) -> anyhow::Result<PathBuf> {
     let dir = bench_dir().join(format!("phantom-0.5b-{scheme}"));
     if !dir.join("config.json").is_file() {
-        let mut quantize = Command::new(bin);
-        quantize
-            .arg("quantize")
-            .arg("--model")
-            .arg(f32_dir)
-            .arg("--out")
-            .arg(&dir)
-            .args(["--scheme", scheme, "--overwrite"]);
-        run(
-            quantize,
-            &format!("quantizing the 0.5B checkpoint as {scheme}"),
-        )?;
+        crate::quantize_folder(bin, f32_dir, &dir, scheme)?;
     }
     Ok(dir)
 }

@@ -193,6 +193,22 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// `phantom-infer quantize --model MODEL --out OUT --scheme SCHEME` with the binary `bin`.
+fn quantize_folder(bin: &Path, model: &Path, out: &Path, scheme: &str) -> anyhow::Result<()> {
+    let mut quantize = Command::new(bin);
+    quantize
+        .arg("quantize")
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .args(["--scheme", scheme, "--overwrite"]);
+    run(
+        quantize,
+        &format!("quantizing {} as {scheme}", model.display()),
+    )
+}
+
 fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     eprintln!("xtask: {what}");
     let status = cmd.status().with_context(|| format!("starting {what}"))?;

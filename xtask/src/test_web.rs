@@ -85,18 +85,7 @@ pub fn native_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 pub fn quantized(model: &Path, scheme: &str, native_bin: Option<&Path>) -> anyhow::Result<PathBuf> {
     let bin = native_binary(native_bin)?;
     let out = web::target_dir().join(format!("web-model-{scheme}"));
-    let mut quantize = Command::new(&bin);
-    quantize
-        .arg("quantize")
-        .arg("--model")
-        .arg(model)
-        .arg("--out")
-        .arg(&out)
-        .args(["--scheme", scheme, "--overwrite"]);
-    run(
-        quantize,
-        &format!("quantizing {} as {scheme}", model.display()),
-    )?;
+    crate::quantize_folder(&bin, model, &out, scheme)?;
     Ok(out)
 }
 

@@ -283,7 +283,6 @@ mod tests {
             let w = values(n * k, 2 + n as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
                 let (codes, scales) = quantize_host(&w, k, scheme);
-                let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
                 let dequantized = dequantize_host(&codes, &scales, k);
                 let want = reference(&x, m, k, &dequantized, n);
                 // The kernels read the transposed layout, [k, n] codes and [k / 32, n] scales.
