@@ -3,9 +3,7 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{
-    Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig,
-};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
@@ -136,24 +134,17 @@ impl VisionModel {
             .collect();
         Self {
             embeddings: VisionEmbeddings {
-                // N(0, 1), as InternViT draws them (`torch.randn`); drawn on first use, so a
-                // checkpoint that fills them never pays for the draw.
-                class_embedding: Initializer::Normal {
-                    mean: 0.0,
-                    std: 1.0,
-                }
-                .init([1, 1, c], device),
+                class_embedding: Param::from_tensor(Tensor::zeros([1, 1, c], device)),
                 patch_embedding: Conv2dConfig::new(
                     [config.num_channels, c],
                     [config.patch_size, config.patch_size],
                 )
                 .with_stride([config.patch_size, config.patch_size])
                 .init(device),
-                position_embedding: Initializer::Normal {
-                    mean: 0.0,
-                    std: 1.0,
-                }
-                .init([1, grid * grid + 1, c], device),
+                position_embedding: Param::from_tensor(Tensor::zeros(
+                    [1, grid * grid + 1, c],
+                    device,
+                )),
             },
             encoder: VisionEncoder { layers },
         }

@@ -209,6 +209,7 @@ pub fn run(options: &DemoOptions, device: &Device) -> Result<DemoReport> {
             let config = model::config(&tokenizer, eta)?;
             device.seed(seed);
             let mut phantom = PhantomModel::new(config, device);
+            vision_embedding_init(&mut phantom);
             small_embedding_init(&mut phantom);
             let encoder = TripleEncoder::new(&phantom, tokenizer.clone(), 1)?;
             let source = |triples| {
@@ -341,6 +342,25 @@ pub fn tokenizer_corpus(samples: &[ShapeSample]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The vision tower's class and position embeddings drawn from N(0, 1), as InternViT
+/// initialises them (`torch.randn`): the model's constructor leaves them at zero for a
+/// checkpoint to fill, and at zero every patch starts out alike wherever it lies.
+fn vision_embedding_init(model: &mut PhantomModel) {
+    let embeddings = &mut model.vision_model.embeddings;
+    for param in [
+        &mut embeddings.class_embedding,
+        &mut embeddings.position_embedding,
+    ] {
+        let shape = param.shape();
+        let device = param.device();
+        *param = Param::from_tensor(Tensor::random(
+            shape,
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
+    }
 }
 
 /// Token embeddings drawn from N(0, 0.02²), as Hugging Face initialises Qwen2: with the tied
