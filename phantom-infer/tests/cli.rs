@@ -34,7 +34,7 @@ fn chat_json_answers_in_f32_and_bf16() {
             .iter()
             .map(|t| t.as_u64().unwrap())
             .collect();
-        assert_eq!(tokens, [273, 323, 266, 337, 19, 2], "{dtype}");
+        assert_eq!(tokens, [273, 316, 266, 332, 19, 2], "{dtype}");
         let timings = &reply["timings"];
         assert_eq!(timings["tiles"], 1, "{dtype}");
         // 16 vision tokens between <img> and </img>, plus the template's text.

@@ -308,8 +308,8 @@ fn records_that_cannot_be_trained_on_are_named() {
 
 #[test]
 fn the_demo_learns_colours_from_the_pictures_and_exports() {
-    // A short colour-only run (chance: 1 in 5) must answer well above chance on unseen
-    // pictures: the answer can only come from the image.
+    // A short colour-only run (chance: 1 in 5) must answer most unseen pictures right: the
+    // answer can only come from the image.
     let dir = tempfile::tempdir().expect("tempdir");
     let device = phantom_model::device::device(Some("flex")).expect("the flex backend");
     let options = DemoOptions {
@@ -326,8 +326,8 @@ fn the_demo_learns_colours_from_the_pictures_and_exports() {
     let v = &report.variants[0];
     assert_eq!(v.steps, 300);
     assert!(
-        v.heldout_accuracy >= 0.4,
-        "held-out colour accuracy {} is not well above chance (0.2)",
+        v.heldout_accuracy >= 0.8,
+        "held-out colour accuracy {} is below 0.8 (chance: 0.2)",
         v.heldout_accuracy
     );
     assert_eq!(v.accuracy_by_kind.len(), 1, "{:?}", v.accuracy_by_kind);
@@ -605,7 +605,7 @@ fn the_demo_model_keeps_its_held_out_accuracy_when_quantized() {
     };
     // The exported model's own figure (the demo printed it when it trained the model).
     let float = accuracy(&[]);
-    assert_eq!(float, 42.0);
+    assert_eq!(float, 98.0);
     let q8 = accuracy(&["--quantize", "q8"]);
     let q4 = accuracy(&["--quantize", "q4"]);
     assert!((q8 - float).abs() <= 1.0, "q8 {q8}% against {float}%");

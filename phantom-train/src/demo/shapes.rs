@@ -1,11 +1,13 @@
 //! A built-in preference data set of coloured shapes, small enough to train a tiny Phantom
 //! model from scratch on a CPU in minutes.
 //!
-//! Each sample is a small RGB image of one to three filled shapes (circle, square, triangle)
-//! in well separated colours on a light background, with a question about it, a correct
-//! (chosen) answer and a rejected one. As in Phantom's preference triples, the rejected answer
-//! is usually a plausible but wrong answer in the same sentence form, and otherwise a vague
-//! non-answer.
+//! Each sample is a small RGB image of filled shapes (circle, square, triangle) in well
+//! separated colours on a light background, with a question about it, a correct (chosen)
+//! answer and a rejected one. Counting questions show one to three shapes; questions about a
+//! shape's colour, kind or side show that one shape, large: a model this small, trained for
+//! minutes, learns what a picture shows, but not which of several shapes a question points
+//! at. As in Phantom's preference triples, the rejected answer is usually a plausible but
+//! wrong answer in the same sentence form, and otherwise a vague non-answer.
 //!
 //! Questions come from one fixed template per [`QuestionKind`] and answers are short and
 //! uniform, so that a tiny model can learn them; the word that decides correctness is kept in
@@ -25,8 +27,12 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
-/// Smallest and largest side of a shape, relative to the image side.
-const SIZE_RANGE: (f32, f32) = (0.25, 0.35);
+/// Smallest and largest side of a shape, relative to the image side: three fit side by side
+/// in two rows, and one fits in either half. Smaller shapes span too few 14-pixel patches of
+/// the demo's 112-pixel tile to tell a circle from a square.
+const SIZE_RANGE: (f32, f32) = (0.38, 0.45);
+/// The same for a lone shape asked about by colour or kind.
+const LONE_SIZE_RANGE: (f32, f32) = (0.5, 0.7);
 /// Free border around the scene, relative to the image side.
 const MARGIN: f32 = 0.03;
 /// Least gap between the bounding boxes of two shapes, relative to the image side.
@@ -338,15 +344,9 @@ fn pick<T: Copy>(rng: &mut StdRng, all: &[T]) -> T {
 }
 
 fn colour_question(rng: &mut StdRng) -> Texts {
-    let n = rng.random_range(1..=3);
     let shape = pick(rng, &ShapeKind::ALL);
     let colour = pick(rng, &Colour::ALL);
-    let mut kinds = vec![(shape, colour)];
-    // Other shapes differ in shape so that "the circle" names exactly one object.
-    for _ in 1..n {
-        kinds.push((other(rng, &ShapeKind::ALL, shape), pick(rng, &Colour::ALL)));
-    }
-    let objects = place(rng, &kinds, false);
+    let objects = place(rng, &[(shape, colour, Span::Anywhere)], LONE_SIZE_RANGE);
     let wrong = other(rng, &Colour::ALL, colour);
     let (s, c) = (shape.name(), colour.name());
     Texts {
@@ -363,15 +363,9 @@ fn colour_question(rng: &mut StdRng) -> Texts {
 }
 
 fn shape_question(rng: &mut StdRng) -> Texts {
-    let n = rng.random_range(1..=3);
     let shape = pick(rng, &ShapeKind::ALL);
     let colour = pick(rng, &Colour::ALL);
-    let mut kinds = vec![(shape, colour)];
-    // Other shapes differ in colour so that "the red object" names exactly one object.
-    for _ in 1..n {
-        kinds.push((pick(rng, &ShapeKind::ALL), other(rng, &Colour::ALL, colour)));
-    }
-    let objects = place(rng, &kinds, false);
+    let objects = place(rng, &[(shape, colour, Span::Anywhere)], LONE_SIZE_RANGE);
     let wrong = other(rng, &ShapeKind::ALL, shape);
     let (s, c) = (shape.name(), colour.name());
     Texts {
@@ -390,9 +384,13 @@ fn shape_question(rng: &mut StdRng) -> Texts {
 fn count_question(rng: &mut StdRng) -> Texts {
     let n: usize = rng.random_range(1..=3);
     let kinds: Vec<_> = (0..n)
-        .map(|_| (pick(rng, &ShapeKind::ALL), pick(rng, &Colour::ALL)))
+        .map(|_| {
+            let shape = pick(rng, &ShapeKind::ALL);
+            let colour = pick(rng, &Colour::ALL);
+            (shape, colour, Span::Anywhere)
+        })
         .collect();
-    let objects = place(rng, &kinds, false);
+    let objects = place(rng, &kinds, SIZE_RANGE);
     let wrong = other(rng, &[1, 2, 3], n);
     Texts {
         objects,
@@ -417,21 +415,9 @@ fn count_sentence(n: usize) -> String {
 fn position_question(rng: &mut StdRng) -> Texts {
     let shape = pick(rng, &ShapeKind::ALL);
     let colour = pick(rng, &Colour::ALL);
-    // The other object differs in shape, colour or both, so "the red square" is unique.
-    let (other_shape, other_colour) = loop {
-        let candidate = (pick(rng, &ShapeKind::ALL), pick(rng, &Colour::ALL));
-        if candidate != (shape, colour) {
-            break candidate;
-        }
-    };
     let on_left = rng.random_bool(0.5);
-    let kinds = if on_left {
-        [(shape, colour), (other_shape, other_colour)]
-    } else {
-        [(other_shape, other_colour), (shape, colour)]
-    };
-    // `place` with halves puts the first object in the left half and the second in the right.
-    let objects = place(rng, &kinds, true);
+    let span = if on_left { Span::Left } else { Span::Right };
+    let objects = place(rng, &[(shape, colour, span)], SIZE_RANGE);
     let (side, wrong) = if on_left {
         (SIDES[0], SIDES[1])
     } else {
@@ -451,21 +437,36 @@ fn position_question(rng: &mut StdRng) -> Texts {
     }
 }
 
-/// Places the given shapes without overlap. With `halves` (two shapes), the first lies wholly
-/// in the left half and the second wholly in the right half of the image.
-fn place(rng: &mut StdRng, kinds: &[(ShapeKind, Colour)], halves: bool) -> Vec<ShapeObject> {
+/// Where a shape may lie horizontally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Span {
+    /// Anywhere in the image.
+    Anywhere,
+    /// Wholly in the left half.
+    Left,
+    /// Wholly in the right half.
+    Right,
+}
+
+/// Places the given shapes without overlap, each within its span, with sides drawn from
+/// `sizes`.
+fn place(
+    rng: &mut StdRng,
+    kinds: &[(ShapeKind, Colour, Span)],
+    sizes: (f32, f32),
+) -> Vec<ShapeObject> {
     for _ in 0..SCENE_TRIES {
         let mut objects: Vec<ShapeObject> = Vec::with_capacity(kinds.len());
-        for (i, &(shape, colour)) in kinds.iter().enumerate() {
-            let size = rng.random_range(SIZE_RANGE.0..=SIZE_RANGE.1);
-            let (x_min, x_max) = match (halves, i) {
-                (true, 0) => (MARGIN, 0.5 - GAP / 2.0 - size),
-                (true, _) => (0.5 + GAP / 2.0, 1.0 - MARGIN - size),
-                (false, _) => (MARGIN, 1.0 - MARGIN - size),
+        for &(shape, colour, span) in kinds {
+            let size = rng.random_range(sizes.0..=sizes.1);
+            let (x_min, x_max) = match span {
+                Span::Left => (MARGIN, 0.5 - GAP / 2.0 - size),
+                Span::Right => (0.5 + GAP / 2.0, 1.0 - MARGIN - size),
+                Span::Anywhere => (MARGIN, 1.0 - MARGIN - size),
             };
             let y_max = 1.0 - MARGIN - size;
             let placed = (0..PLACEMENT_TRIES).find_map(|_| {
-                let left = rng.random_range(x_min..=x_max);
+                let left = rng.random_range(x_min..=x_max.max(x_min));
                 let top = rng.random_range(MARGIN..=y_max);
                 let object = ShapeObject {
                     shape,
@@ -484,24 +485,30 @@ fn place(rng: &mut StdRng, kinds: &[(ShapeKind, Colour)], halves: bool) -> Vec<S
             return objects;
         }
     }
-    fallback_layout(kinds, halves)
+    fallback_layout(kinds, sizes.0)
 }
 
-/// A fixed layout that always fits (never reached in practice, but keeps `place` total).
-fn fallback_layout(kinds: &[(ShapeKind, Colour)], halves: bool) -> Vec<ShapeObject> {
-    let slots: &[(f32, f32)] = if halves {
-        &[(0.25, 0.5), (0.75, 0.5)]
-    } else {
-        &[(0.25, 0.25), (0.75, 0.25), (0.5, 0.75)]
-    };
+/// A fixed layout that always fits shapes of the smallest size: a lone one in the middle or
+/// its half, up to three in two rows (rarely reached, but it keeps `place` total).
+fn fallback_layout(kinds: &[(ShapeKind, Colour, Span)], size: f32) -> Vec<ShapeObject> {
+    const SLOTS: [(f32, f32); 3] = [(0.25, 0.25), (0.75, 0.25), (0.5, 0.75)];
+    const MIDDLE: [(f32, f32); 1] = [(0.5, 0.5)];
+    let slots: &[(f32, f32)] = if kinds.len() == 1 { &MIDDLE } else { &SLOTS };
     kinds
         .iter()
         .zip(slots)
-        .map(|(&(shape, colour), &centre)| ShapeObject {
-            shape,
-            colour,
-            centre,
-            size: SIZE_RANGE.0,
+        .map(|(&(shape, colour, span), &slot)| {
+            let centre = match span {
+                Span::Left => (0.25, 0.5),
+                Span::Right => (0.75, 0.5),
+                Span::Anywhere => slot,
+            };
+            ShapeObject {
+                shape,
+                colour,
+                centre,
+                size,
+            }
         })
         .collect()
 }
@@ -640,21 +647,14 @@ mod tests {
             }
             QuestionKind::Count => COUNT_WORDS[objects.len() - 1].to_string(),
             QuestionKind::Position => {
-                assert_eq!(objects.len(), 2);
+                assert_eq!(objects.len(), 1, "{q}: {objects:?}");
                 let colour = colour_named(word_after(q, "the "));
                 let shape = shape_named(word_after(q, &format!("{} ", colour.name())));
-                let hits: Vec<_> = objects
-                    .iter()
-                    .filter(|o| o.colour == colour && o.shape == shape)
-                    .collect();
-                assert_eq!(hits.len(), 1, "{q}: {objects:?}");
-                let target = hits[0];
-                let other = objects.iter().find(|o| *o != target).unwrap();
-                // Both readings of "left" agree: relative to the image and to the other shape.
-                let (_, _, right, _) = target.bounds();
-                let (left, _, _, _) = target.bounds();
-                if target.centre.0 < other.centre.0 {
-                    assert!(right <= 0.5, "{q}: {objects:?}");
+                let target = objects[0];
+                assert_eq!((target.colour, target.shape), (colour, shape), "{q}");
+                // The shape lies wholly in one half.
+                let (left, _, right, _) = target.bounds();
+                if right <= 0.5 {
                     "left".to_string()
                 } else {
                     assert!(left >= 0.5, "{q}: {objects:?}");
@@ -699,7 +699,11 @@ mod tests {
                     r <= 1.0 - MARGIN + 1e-6 && b <= 1.0 - MARGIN + 1e-6,
                     "{o:?}"
                 );
-                assert!((SIZE_RANGE.0..=SIZE_RANGE.1).contains(&o.size), "{o:?}");
+                let (lo, hi) = match sample.kind {
+                    QuestionKind::Colour | QuestionKind::Shape => LONE_SIZE_RANGE,
+                    QuestionKind::Count | QuestionKind::Position => SIZE_RANGE,
+                };
+                assert!((lo..=hi).contains(&o.size), "{o:?}");
                 for p in &objects[i + 1..] {
                     assert!(!o.overlaps(p), "{o:?} overlaps {p:?}");
                 }
