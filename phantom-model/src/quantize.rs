@@ -269,7 +269,10 @@ pub fn columns(
         "{n}x{k} codes with one scale per block of {BLOCK}"
     );
     let blocks = k / BLOCK;
-    let mut codes_kn = vec![0i8; n * k];
+    // Room for the scales, which Burn appends to the codes' allocation: without it the
+    // allocation would grow (to twice its size) and every code be copied once more.
+    let mut codes_kn = Vec::with_capacity(n * k + n * blocks * size_of::<f32>() + 16);
+    codes_kn.resize(n * k, 0i8);
     for (j, row) in codes.chunks_exact(k).enumerate() {
         for (i, &c) in row.iter().enumerate() {
             codes_kn[i * n + j] = c;
