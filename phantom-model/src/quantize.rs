@@ -268,23 +268,30 @@ pub fn columns(
         codes.len() == n * k && scales.len() * BLOCK == n * k,
         "{n}x{k} codes with one scale per block of {BLOCK}"
     );
-    let blocks = k / BLOCK;
     // Room for the scales, which Burn appends to the codes' allocation: without it the
     // allocation would grow (to twice its size) and every code be copied once more.
-    let mut codes_kn = Vec::with_capacity(n * k + n * blocks * size_of::<f32>() + 16);
-    codes_kn.resize(n * k, 0i8);
-    for (j, row) in codes.chunks_exact(k).enumerate() {
-        for (i, &c) in row.iter().enumerate() {
-            codes_kn[i * n + j] = c;
-        }
-    }
-    let mut scales_kn = vec![0f32; n * blocks];
-    for j in 0..n {
-        for b in 0..blocks {
-            scales_kn[b * n + j] = scales[j * blocks + b];
-        }
-    }
+    let room = Vec::with_capacity(n * k + n * (k / BLOCK) * size_of::<f32>() + 16);
+    let codes_kn = transpose_into(codes, n, k, room);
+    let scales_kn = transpose_into(scales, n, k / BLOCK, Vec::new());
     TensorData::quantized(codes_kn, [k, n], column_scheme(scheme), &scales_kn, None)
+}
+
+/// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, written into `out`
+/// (cleared first; its capacity is kept).
+pub(crate) fn transpose_into<T: Copy + Default>(
+    values: &[T],
+    rows: usize,
+    cols: usize,
+    mut out: Vec<T>,
+) -> Vec<T> {
+    out.clear();
+    out.resize(rows * cols, T::default());
+    for (r, row) in values.chunks_exact(cols).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
 }
 
 /// Burn's scheme of a weight laid out `[k, n]` with blocks of 32 down each column.

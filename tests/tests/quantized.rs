@@ -299,58 +299,63 @@ fn broken_quantized_folders_are_named() {
         load_err(dir.path())
     };
     let scales = format!("{key}_scale");
-
-    let err = broken(
-        Quantization::Q8,
-        &scales,
-        Dtype::F16,
-        &[64, 3],
-        vec![0; 64 * 3 * 2],
-    );
-    assert!(
-        err.contains(&scales) && err.contains("[64, 2]"),
-        "scales of the wrong shape: {err}"
-    );
-
-    let err = broken(
-        Quantization::Q8,
-        key,
-        Dtype::U8,
-        &[64, 32],
-        vec![0x88; 64 * 32],
-    );
-    assert!(
-        err.contains(key) && err.contains("I8"),
-        "4-bit codes in a q8 folder: {err}"
-    );
+    let scales = scales.as_str();
 
     let nan = half::f16::NAN.to_bits().to_le_bytes();
-    let bytes: Vec<u8> = (0..64 * 2).flat_map(|_| nan).collect();
-    let err = broken(Quantization::Q4, &scales, Dtype::F16, &[64, 2], bytes);
-    assert!(
-        err.contains(&scales) && err.contains("NaN"),
-        "a NaN scale: {err}"
-    );
-
-    let mut codes = vec![1u8; 64 * 64];
-    codes[5] = 0x80;
-    let err = broken(Quantization::Q8, key, Dtype::I8, &[64, 64], codes);
-    assert!(
-        err.contains(key) && err.contains("-128"),
-        "a code outside ±127: {err}"
-    );
-
-    let err = broken(
-        Quantization::Q8,
-        &scales,
-        Dtype::F16,
-        &[64, 2],
-        vec![0; 64 * 2 * 2],
-    );
-    assert!(
-        err.contains(&scales) && err.contains("positive"),
-        "a zero scale: {err}"
-    );
+    let mut out_of_range = vec![1u8; 64 * 64];
+    out_of_range[5] = 0x80;
+    // (what, scheme, tensor rewritten, its dtype, shape and bytes, words the error must hold)
+    let cases = [
+        (
+            "scales of the wrong shape",
+            Quantization::Q8,
+            scales,
+            Dtype::F16,
+            [64, 3],
+            vec![0; 64 * 3 * 2],
+            [scales, "[64, 2]"],
+        ),
+        (
+            "4-bit codes in a q8 folder",
+            Quantization::Q8,
+            key,
+            Dtype::U8,
+            [64, 32],
+            vec![0x88; 64 * 32],
+            [key, "I8"],
+        ),
+        (
+            "a NaN scale",
+            Quantization::Q4,
+            scales,
+            Dtype::F16,
+            [64, 2],
+            (0..64 * 2).flat_map(|_| nan).collect(),
+            [scales, "NaN"],
+        ),
+        (
+            "a code outside ±127",
+            Quantization::Q8,
+            key,
+            Dtype::I8,
+            [64, 64],
+            out_of_range,
+            [key, "-128"],
+        ),
+        (
+            "a zero scale",
+            Quantization::Q8,
+            scales,
+            Dtype::F16,
+            [64, 2],
+            vec![0; 64 * 2 * 2],
+            [scales, "positive"],
+        ),
+    ];
+    for (what, scheme, tensor, dtype, shape, bytes, words) in cases {
+        let err = broken(scheme, tensor, dtype, &shape, bytes);
+        assert!(words.iter().all(|w| err.contains(w)), "{what}: {err}");
+    }
 
     // Codes without a quantization section.
     let (dir, _, _) = quantized_folder(Quantization::Q8);

@@ -23,7 +23,7 @@ use half::{bf16, f16};
 
 pub use dot::MAX_ROWS;
 
-use crate::quantize::BLOCK;
+use crate::quantize::{BLOCK, transpose_into};
 
 /// Threads the kernels split work over.
 fn threads() -> usize {
@@ -195,12 +195,8 @@ pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
 pub fn quantized_parts(w_kn: &Tensor<2>) -> Option<(Vec<i8>, Vec<f32>)> {
     let (q, k, n) = quantized_codes(w_kn)?;
     let codes = contiguous_values::<i8>(q.tensor())?;
-    let scales = q.scales();
-    let blocks = k / BLOCK;
-    let codes_nk = (0..n * k).map(|e| codes[(e % k) * n + e / k]).collect();
-    let scales_nk = (0..n * blocks)
-        .map(|e| scales[(e % blocks) * n + e / blocks])
-        .collect();
+    let codes_nk = transpose_into(codes, k, n, Vec::new());
+    let scales_nk = transpose_into(q.scales(), k / BLOCK, n, Vec::new());
     Some((codes_nk, scales_nk))
 }
 
