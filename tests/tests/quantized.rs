@@ -31,6 +31,13 @@ fn logits(fx: &Fixture, model: &PhantomModel, device: &Device) -> (Vec<f32>, Vec
     (values(text), values(mm), keep)
 }
 
+/// Both prompts' logits (`(text, picture)`, as [`logits`] gives them) within 1e-4 of the
+/// wanted ones, the text batch at its real positions only.
+fn assert_same_logits(what: &str, got: (&[f32], &[f32]), want: (&[f32], &[f32]), keep: &[bool]) {
+    assert_close(&format!("{what}: text"), got.0, want.0, Some(keep), 1e-4);
+    assert_close(&format!("{what}: picture"), got.1, want.1, None, 1e-4);
+}
+
 /// Share of positions whose top token agrees, and the mean KL(float ‖ quantized) of the
 /// next-token distributions, over the rows of width `v` kept by `keep`.
 fn agreement(float: &[f32], quantized: &[f32], v: usize, keep: Option<&[bool]>) -> (f64, f64) {
@@ -100,14 +107,7 @@ fn quantized_kernels_equal_the_model_with_dequantized_weights() {
                 let what = format!("{name} {scheme} on {device_name}");
                 let (text, mm, keep) = logits(&fx, &model, &device);
                 let (want_text, want_mm, _) = logits(&fx, &dequantized(model), &device);
-                assert_close(
-                    &format!("{what}: text"),
-                    &text,
-                    &want_text,
-                    Some(&keep),
-                    1e-4,
-                );
-                assert_close(&format!("{what}: picture"), &mm, &want_mm, None, 1e-4);
+                assert_same_logits(&what, (&text, &mm), (&want_text, &want_mm), &keep);
                 match &first {
                     None => first = Some((device_name, text, mm)),
                     Some((other, first_text, first_mm)) => {
@@ -164,14 +164,7 @@ fn a_quantized_folder_loads_back_to_the_same_model_on_every_backend() {
             let back = load(dir.path(), &device, None);
             let (text, mm, _) = logits(&fx, &back, &device);
             let what = format!("{scheme} folder on {device_name}");
-            assert_close(
-                &format!("{what}: text"),
-                &text,
-                &want_text,
-                Some(&keep),
-                1e-4,
-            );
-            assert_close(&format!("{what}: picture"), &mm, &want_mm, None, 1e-4);
+            assert_same_logits(&what, (&text, &mm), (&want_text, &want_mm), &keep);
         }
         // Asking for the scheme it has is fine; another one is refused.
         let device = phantom_model::device::device(Some("flex")).expect("flex");
