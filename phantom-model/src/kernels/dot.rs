@@ -215,7 +215,7 @@ fn block<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
 }
 
 /// Weight rows per parallel task: a few tasks per core, none too small to be worth a task.
-fn rows_per_task(n: usize, k: usize) -> usize {
+pub(super) fn rows_per_task(n: usize, k: usize) -> usize {
     let threads = super::threads();
     let min_rows = (16 * 1024 / k.max(1)).max(1);
     n.div_ceil(threads * 4).max(min_rows).min(n.max(1))
@@ -244,7 +244,7 @@ pub fn matvec<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Ve
 }
 
 /// `[n, m]` outputs as `[m, n]`.
-fn row_major(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+pub(super) fn row_major(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
     if m <= 1 {
         return yt;
     }

@@ -1,18 +1,23 @@
-//! Matrix products of many activation rows with a weight: `C = A · Wᵀ` for `A` `[m, k]` in f32
-//! and `W` `[n, k]` (the checkpoints' `[out, in]`) in f32, f16 or bf16, accumulated in f32.
+//! Matrix products of many activation rows with a weight: `C = A · Wᵀ` for `A` `[m, k]` and
+//! `W` `[n, k]` (the checkpoints' `[out, in]`), accumulated in f32.
 //!
-//! The classic blocked scheme: a block of `W` is packed (and widened to f32) into column
-//! slivers `NR` wide, a block of `A` into row slivers `MR` tall, and a register-blocked micro
-//! kernel runs over the packed slivers, so every load feeds `MR` or `NR` multiply-adds from
-//! the caches. Each core takes its own share of the output columns. The micro kernels are
-//! written with AVX-512 and AVX2 intrinsics and chosen at run time; elsewhere the `gemm` crate
-//! computes the product.
+//! The classic blocked scheme: a block of `W` is packed into column slivers `NR` wide, a block
+//! of `A` into row slivers `MR` tall, and a register-blocked micro kernel runs over the packed
+//! slivers, so every load feeds `MR` or `NR` multiply-adds from the caches. Each core takes
+//! its own share of the output columns. Two packings share that driver: `A` in f32 with `W` in
+//! f32, f16 or bf16 widened to f32 as it is packed ([`matmul`]), and both in bf16 kept as
+//! neighbouring pairs along the depth for the AVX512-BF16 pair products
+//! ([`super::dpbf16`], [`matmul_bf16`]). The micro kernels are written with AVX-512 and AVX2
+//! intrinsics and chosen at run time; elsewhere the `gemm` crate computes the product.
+
+use half::bf16;
 
 use super::dot::Weight;
 
 /// Columns of a block of `W` (packed once per depth block and shared by every row block).
 const NC: usize = 2048;
 /// Depth of a block: an `MR × KC` sliver of `A` and a `KC × NR` sliver of `W` stay in L1/L2.
+/// Even, so that a block never splits a bf16 pair.
 const KC: usize = 256;
 /// Rows of a block of `A` (its packed panel stays in L2).
 const MC: usize = 144;
@@ -55,17 +60,42 @@ fn matmul_into<W: Weight>(
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
+        let operands = Widened { a, w, k };
         if avx512 {
-            blocked::<W, 12, 32>(a, m, k, w, n, c, threads, x86::micro_avx512);
+            blocked::<_, 12, 32>(&operands, m, n, c, threads, x86::micro_avx512);
             return;
         }
         if avx2 {
-            blocked::<W, 6, 16>(a, m, k, w, n, c, threads, x86::micro_avx2);
+            blocked::<_, 6, 16>(&operands, m, n, c, threads, x86::micro_avx2);
             return;
         }
     }
     c.fill(0.0);
     fallback(a, m, k, w, n, c);
+}
+
+/// `C = A · Wᵀ` for `a` `[m, k]` and `w` `[n, k]` both in bf16 (row-major), on the AVX512-BF16
+/// pair products; `[m, n]` in f32. `None` where the processor lacks them.
+pub fn matmul_bf16(a: &[bf16], m: usize, k: usize, w: &[bf16], n: usize) -> Option<Vec<f32>> {
+    debug_assert_eq!(a.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    if !super::dpbf16::available() {
+        return None;
+    }
+    let mut c = vec![0.0f32; m * n];
+    #[cfg(target_arch = "x86_64")]
+    if m > 0 && n > 0 && k > 0 {
+        let operands = Pairs { a, w, k };
+        blocked::<_, 12, 32>(
+            &operands,
+            m,
+            n,
+            &mut c,
+            super::threads(),
+            super::dpbf16::micro,
+        );
+    }
+    Some(c)
 }
 
 /// The portable path: widen the weight a block at a time into the `gemm` crate.
@@ -102,11 +132,186 @@ fn fallback<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize, c: &mut
     }
 }
 
-/// A micro kernel: `C[MR × NR] (+)= A sliver · B sliver` over `kc` steps, where the A sliver
-/// holds `MR` values per step and the B sliver `NR`; `accumulate` adds to `C` instead of
-/// overwriting it; `c` points at the tile's first element, rows `ldc` apart.
-type Micro =
-    unsafe fn(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool);
+/// The two operands of a blocked product and how they are packed for its micro kernel.
+trait Operands: Sync {
+    /// A packed value: one f32, or a pair of bf16 neighbours along the depth.
+    type Packed: bytemuck::Pod;
+    /// Depth values one packed value holds.
+    const DEPTH: usize;
+
+    /// The depth `k` of the product.
+    fn depth(&self) -> usize;
+
+    /// Packs rows `jc..jc+nc` of `W`, depth `pc..pc+kc`, as slivers of `NR` columns: sliver
+    /// `s`, step `p`, lane `j` holds depth `pc + p·DEPTH..` of row `jc + s·NR + j` (zeros past
+    /// the last row or depth).
+    fn pack_b<const NR: usize>(
+        &self,
+        jc: usize,
+        nc: usize,
+        pc: usize,
+        kc: usize,
+        packed: &mut [Self::Packed],
+    );
+
+    /// Packs rows `ic..ic+mc` of `A`, depth `pc..pc+kc`, as slivers of `MR` rows: sliver `s`,
+    /// step `p`, lane `i` holds depth `pc + p·DEPTH..` of row `ic + s·MR + i` (zeros past the
+    /// last row or depth).
+    fn pack_a<const MR: usize>(
+        &self,
+        ic: usize,
+        mc: usize,
+        pc: usize,
+        kc: usize,
+        packed: &mut [Self::Packed],
+    );
+}
+
+/// `A` in f32 and `W` in any [`Weight`] type, widened to f32 as it is packed.
+struct Widened<'a, W> {
+    a: &'a [f32],
+    w: &'a [W],
+    k: usize,
+}
+
+impl<W: Weight> Operands for Widened<'_, W> {
+    type Packed = f32;
+    const DEPTH: usize = 1;
+
+    fn depth(&self) -> usize {
+        self.k
+    }
+
+    fn pack_b<const NR: usize>(
+        &self,
+        jc: usize,
+        nc: usize,
+        pc: usize,
+        kc: usize,
+        packed: &mut [f32],
+    ) {
+        let mut widened = [0.0f32; KC];
+        for_each_lane::<NR, _>(nc, kc, packed, |row, sliver, j| match row {
+            Some(row) => {
+                let start = (jc + row) * self.k + pc;
+                W::widen(&self.w[start..start + kc], &mut widened[..kc]);
+                for (p, &v) in widened[..kc].iter().enumerate() {
+                    sliver[p * NR + j] = v;
+                }
+            }
+            None => (0..kc).for_each(|p| sliver[p * NR + j] = 0.0),
+        });
+    }
+
+    fn pack_a<const MR: usize>(
+        &self,
+        ic: usize,
+        mc: usize,
+        pc: usize,
+        kc: usize,
+        packed: &mut [f32],
+    ) {
+        for_each_lane::<MR, _>(mc, kc, packed, |row, sliver, i| match row {
+            Some(row) => {
+                let start = (ic + row) * self.k + pc;
+                for (p, &v) in self.a[start..start + kc].iter().enumerate() {
+                    sliver[p * MR + i] = v;
+                }
+            }
+            None => (0..kc).for_each(|p| sliver[p * MR + i] = 0.0),
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// `A` and `W` both in bf16, packed as pairs of depth neighbours (the low half holds the
+/// even depth), the operand layout of the AVX512-BF16 pair products.
+struct Pairs<'a> {
+    a: &'a [bf16],
+    w: &'a [bf16],
+    k: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+/// `values` (one row's depth block) as pairs into lane `lane` of a sliver `width` lanes wide.
+fn pack_pairs(values: &[bf16], sliver: &mut [u32], width: usize, lane: usize) {
+    let mut pairs = values.chunks_exact(2);
+    for (p, pair) in pairs.by_ref().enumerate() {
+        sliver[p * width + lane] =
+            u32::from(pair[0].to_bits()) | u32::from(pair[1].to_bits()) << 16;
+    }
+    if let [last] = pairs.remainder() {
+        sliver[values.len() / 2 * width + lane] = u32::from(last.to_bits());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Operands for Pairs<'_> {
+    type Packed = u32;
+    const DEPTH: usize = 2;
+
+    fn depth(&self) -> usize {
+        self.k
+    }
+
+    fn pack_b<const NR: usize>(
+        &self,
+        jc: usize,
+        nc: usize,
+        pc: usize,
+        kc: usize,
+        packed: &mut [u32],
+    ) {
+        for_each_lane::<NR, _>(nc, kc.div_ceil(2), packed, |row, sliver, j| match row {
+            Some(row) => {
+                let start = (jc + row) * self.k + pc;
+                pack_pairs(&self.w[start..start + kc], sliver, NR, j);
+            }
+            None => (0..kc.div_ceil(2)).for_each(|p| sliver[p * NR + j] = 0),
+        });
+    }
+
+    fn pack_a<const MR: usize>(
+        &self,
+        ic: usize,
+        mc: usize,
+        pc: usize,
+        kc: usize,
+        packed: &mut [u32],
+    ) {
+        for_each_lane::<MR, _>(mc, kc.div_ceil(2), packed, |row, sliver, i| match row {
+            Some(row) => {
+                let start = (ic + row) * self.k + pc;
+                pack_pairs(&self.a[start..start + kc], sliver, MR, i);
+            }
+            None => (0..kc.div_ceil(2)).for_each(|p| sliver[p * MR + i] = 0),
+        });
+    }
+}
+
+/// Calls `f(row, sliver, lane)` for every lane of the slivers `WIDTH` lanes wide that hold
+/// `rows` rows of `steps` packed values each (`row` is `None` past the last row), `sliver`
+/// being the lane's sliver of `packed`.
+fn for_each_lane<const WIDTH: usize, P>(
+    rows: usize,
+    steps: usize,
+    packed: &mut [P],
+    mut f: impl FnMut(Option<usize>, &mut [P], usize),
+) {
+    for s in 0..rows.div_ceil(WIDTH) {
+        let sliver = &mut packed[s * WIDTH * steps..(s + 1) * WIDTH * steps];
+        for lane in 0..WIDTH {
+            let row = s * WIDTH + lane;
+            f((row < rows).then_some(row), sliver, lane);
+        }
+    }
+}
+
+/// A micro kernel: `C[MR × NR] (+)= A sliver · B sliver` over `steps` packed steps, where the A
+/// sliver holds `MR` packed values per step and the B sliver `NR`; `accumulate` adds to `C`
+/// instead of overwriting it; `c` points at the tile's first element, rows `ldc` apart.
+type Micro<P> =
+    unsafe fn(steps: usize, a: *const P, b: *const P, c: *mut f32, ldc: usize, accumulate: bool);
 
 /// The packing buffers of a thread, kept between products: fresh multi-megabyte buffers on
 /// every call would cost a page fault per 4 KiB touched.
@@ -122,14 +327,13 @@ impl Scratch {
         Self(SCRATCH.with(std::cell::Cell::take))
     }
 
-    /// Three buffers of the given lengths, carved out of this one.
-    fn split(&mut self, a: usize, b: usize, c: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
-        if self.0.len() < a + b + c {
-            self.0.resize(a + b + c, 0.0);
+    /// Two buffers of the given lengths of 4-byte values, carved out of this one.
+    fn split<P: bytemuck::Pod>(&mut self, a: usize, b: usize) -> (&mut [P], &mut [P]) {
+        if self.0.len() < a + b {
+            self.0.resize(a + b, 0.0);
         }
-        let (first, rest) = self.0.split_at_mut(a);
-        let (second, rest) = rest.split_at_mut(b);
-        (first, second, &mut rest[..c])
+        let values: &mut [P] = bytemuck::cast_slice_mut(&mut self.0[..a + b]);
+        values.split_at_mut(a)
     }
 }
 
@@ -157,19 +361,17 @@ unsafe impl Send for Out {}
 // SAFETY: as above.
 unsafe impl Sync for Out {}
 
-/// The blocked product with `MR × NR` micro tiles; the columns are split between `threads`
-/// tasks.
-#[allow(clippy::too_many_arguments)]
-fn blocked<W: Weight, const MR: usize, const NR: usize>(
-    a: &[f32],
+/// The blocked product of `operands` (`[m, k]` times `[n, k]`ᵀ) into `c` (`[m, n]`) with
+/// `MR × NR` micro tiles; the columns are split between `threads` tasks.
+fn blocked<O: Operands, const MR: usize, const NR: usize>(
+    operands: &O,
     m: usize,
-    k: usize,
-    w: &[W],
     n: usize,
     c: &mut [f32],
     threads: usize,
-    micro: Micro,
+    micro: Micro<O::Packed>,
 ) {
+    let k = operands.depth();
     let out = Out(c.as_mut_ptr());
     // Column ranges in multiples of NR, one per task.
     let per_task = n.div_ceil(threads.max(1)).div_ceil(NR) * NR;
@@ -181,35 +383,36 @@ fn blocked<W: Weight, const MR: usize, const NR: usize>(
         let out = out;
         let j_start = t * per_task;
         let j_end = n.min(j_start + per_task);
+        let max_steps = KC.div_ceil(O::DEPTH);
         let mut scratch = Scratch::take();
-        let (packed_b, packed_a, widened) = scratch.split(
-            KC * NC.min(per_task).div_ceil(NR) * NR,
-            MC.div_ceil(MR) * MR * KC,
-            KC,
+        let (packed_b, packed_a) = scratch.split::<O::Packed>(
+            max_steps * NC.min(per_task).div_ceil(NR) * NR,
+            MC.div_ceil(MR) * MR * max_steps,
         );
         for jc in (j_start..j_end).step_by(NC) {
             let nc = NC.min(j_end - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_b::<W, NR>(w, k, jc, nc, pc, kc, packed_b, widened);
+                let steps = kc.div_ceil(O::DEPTH);
+                operands.pack_b::<NR>(jc, nc, pc, kc, packed_b);
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    pack_a::<MR>(a, k, ic, mc, pc, kc, packed_a);
+                    operands.pack_a::<MR>(ic, mc, pc, kc, packed_a);
                     for jr in (0..nc).step_by(NR) {
                         let cols = NR.min(nc - jr);
-                        let b_sliver = &packed_b[jr * kc..(jr + NR) * kc];
+                        let b_sliver = &packed_b[jr * steps..(jr + NR) * steps];
                         for ir in (0..mc).step_by(MR) {
                             let rows = MR.min(mc - ir);
-                            let a_sliver = &packed_a[ir * kc..(ir + MR) * kc];
+                            let a_sliver = &packed_a[ir * steps..(ir + MR) * steps];
                             let (row, col) = (ic + ir, jc + jr);
-                            // SAFETY: the slivers hold kc·MR and kc·NR values; a full tile
-                            // lies inside this task's columns of `c` ([m, n], row stride n),
-                            // and a partial one goes through a local tile.
+                            // SAFETY: the slivers hold steps·MR and steps·NR values; a full
+                            // tile lies inside this task's columns of `c` ([m, n], row stride
+                            // n), and a partial one goes through a local tile.
                             unsafe {
                                 if rows == MR && cols == NR {
                                     let tile = out.0.add(row * n + col);
                                     micro(
-                                        kc,
+                                        steps,
                                         a_sliver.as_ptr(),
                                         b_sliver.as_ptr(),
                                         tile,
@@ -220,7 +423,7 @@ fn blocked<W: Weight, const MR: usize, const NR: usize>(
                                     let mut local = [[0.0f32; NR]; MR];
                                     let tile = local.as_mut_ptr().cast::<f32>();
                                     micro(
-                                        kc,
+                                        steps,
                                         a_sliver.as_ptr(),
                                         b_sliver.as_ptr(),
                                         tile,
@@ -252,86 +455,26 @@ fn blocked<W: Weight, const MR: usize, const NR: usize>(
     }
 }
 
-/// Packs rows `jc..jc+nc` of `w` (`[n, k]`), depth `pc..pc+kc`, widened to f32, as slivers of
-/// `NR` columns: sliver `s`, step `p`, lane `j` holds `w[jc + s·NR + j][pc + p]` (0 past the
-/// last row).
-#[allow(clippy::too_many_arguments)]
-fn pack_b<W: Weight, const NR: usize>(
-    w: &[W],
-    k: usize,
-    jc: usize,
-    nc: usize,
-    pc: usize,
-    kc: usize,
-    packed: &mut [f32],
-    widened: &mut [f32],
-) {
-    for s in 0..nc.div_ceil(NR) {
-        let sliver = &mut packed[s * NR * kc..(s + 1) * NR * kc];
-        for j in 0..NR {
-            let row = s * NR + j;
-            if row < nc {
-                let start = (jc + row) * k + pc;
-                W::widen(&w[start..start + kc], &mut widened[..kc]);
-                for (p, &v) in widened[..kc].iter().enumerate() {
-                    sliver[p * NR + j] = v;
-                }
-            } else {
-                for p in 0..kc {
-                    sliver[p * NR + j] = 0.0;
-                }
-            }
-        }
-    }
-}
-
-/// Packs rows `ic..ic+mc` of `a` (`[m, k]`), depth `pc..pc+kc`, as slivers of `MR` rows:
-/// sliver `s`, step `p`, lane `i` holds `a[ic + s·MR + i][pc + p]` (0 past the last row).
-fn pack_a<const MR: usize>(
-    a: &[f32],
-    k: usize,
-    ic: usize,
-    mc: usize,
-    pc: usize,
-    kc: usize,
-    packed: &mut [f32],
-) {
-    for s in 0..mc.div_ceil(MR) {
-        let sliver = &mut packed[s * MR * kc..(s + 1) * MR * kc];
-        for i in 0..MR {
-            let row = s * MR + i;
-            if row < mc {
-                let src = &a[(ic + row) * k + pc..(ic + row) * k + pc + kc];
-                for (p, &v) in src.iter().enumerate() {
-                    sliver[p * MR + i] = v;
-                }
-            } else {
-                for p in 0..kc {
-                    sliver[p * MR + i] = 0.0;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// Declares the accumulators of a tile, runs the depth loop with one broadcast of A per
+    /// Declares the accumulators of a tile, runs the packed steps with one broadcast of A per
     /// row and two loads of B per step, then writes the tile back: every accumulator a named
     /// local, so that all of them stay in registers.
     macro_rules! tile {
-        ($kc:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $accumulate:expr, $width:expr,
-         $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident, $add:ident,
+        ($steps:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $accumulate:expr, $width:expr,
+         $zero:ident, $load:ident, $load_b:ident, $store:ident, $set1:ident, $fma:ident,
+         $add:ident,
          [$(($i:expr, $r0:ident, $r1:ident)),*]) => {{
             const MR: usize = [$($i),*].len();
             $(let mut $r0 = $zero(); let mut $r1 = $zero();)*
-            for p in 0..$kc {
-                // SAFETY: p < kc, within the slivers (MR values of A, 2·width of B per step).
+            for p in 0..$steps {
+                // SAFETY: p < steps, within the slivers (MR values of A, 2·width of B per
+                // step).
                 unsafe {
-                    let b0 = $load($b.add(p * 2 * $width));
-                    let b1 = $load($b.add(p * 2 * $width + $width));
+                    let b0 = $load_b($b.add(p * 2 * $width));
+                    let b1 = $load_b($b.add(p * 2 * $width + $width));
                     let ap = $a.add(p * MR);
                     $(
                         let ai = $set1(*ap.add($i));
@@ -354,6 +497,8 @@ mod x86 {
             )*
         }};
     }
+
+    pub(in crate::kernels) use tile;
 
     /// 12 × 32 tile: 24 AVX-512 accumulators, each step two loads of B and 12 broadcasts of A.
     ///
@@ -379,6 +524,7 @@ mod x86 {
             accumulate,
             16,
             _mm512_setzero_ps,
+            _mm512_loadu_ps,
             _mm512_loadu_ps,
             _mm512_storeu_ps,
             _mm512_set1_ps,
@@ -425,6 +571,7 @@ mod x86 {
             accumulate,
             8,
             _mm256_setzero_ps,
+            _mm256_loadu_ps,
             _mm256_loadu_ps,
             _mm256_storeu_ps,
             _mm256_set1_ps,

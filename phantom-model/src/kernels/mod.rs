@@ -13,6 +13,7 @@
 
 pub mod attend;
 pub mod dot;
+pub mod dpbf16;
 pub mod gemm;
 pub mod quant;
 
@@ -121,7 +122,16 @@ pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
     if !w.is_contiguous() {
         return None;
     }
-    let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
+    let x = x.clone().try_into_primitive::<Flex>().ok()?;
+    let x = if x.is_contiguous() {
+        x
+    } else {
+        x.to_contiguous()
+    };
+    if let Some(y) = pair_product(&x, &w, m, k, n) {
+        return Some(flex_tensor(y, [m, n], out_dtype));
+    }
+    let xs = activations(x)?;
     let y = match weight_dtype {
         DType::F32 => product(&xs, m, k, contiguous_values::<f32>(&w)?, n),
         DType::BF16 => product(&xs, m, k, contiguous_values::<bf16>(&w)?, n),
@@ -129,6 +139,34 @@ pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
         _ => return None,
     };
     Some(flex_tensor(y, [m, n], out_dtype))
+}
+
+/// `x · wᵀ` (`x` `[m, k]`, `w` `[n, k]`, contiguous) by the AVX512-BF16 pair products, for a
+/// bf16 weight on a processor that has them. Activations in f32 are rounded to bf16 first, as
+/// a model computing in bf16 throughout (the official code, PyTorch) rounds them; the sums
+/// stay in f32.
+fn pair_product(x: &FlexTensor, w: &FlexTensor, m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
+    if w.dtype() != DType::BF16 || !dpbf16::available() {
+        return None;
+    }
+    let rounded: Vec<bf16>;
+    let xs = match x.dtype() {
+        DType::BF16 => contiguous_values::<bf16>(x)?,
+        DType::F32 => {
+            rounded = contiguous_values::<f32>(x)?
+                .iter()
+                .map(|&v| bf16::from_f32(v))
+                .collect();
+            &rounded
+        }
+        _ => return None,
+    };
+    let ws = contiguous_values::<bf16>(w)?;
+    if m <= MAX_ROWS {
+        dpbf16::matvec(xs, m, k, ws, n)
+    } else {
+        gemm::matmul_bf16(xs, m, k, ws, n)
+    }
 }
 
 /// A flex tensor of `values` in `dtype`.
