@@ -237,9 +237,17 @@ impl PhantomModel {
                 "sequence of {total} tokens exceeds the model's context of {limit}"
             )));
         }
+        let rope = self.rope();
+        #[cfg(feature = "cpu-kernels")]
+        if crate::kernels::is_flex(&embeds.device()) {
+            return Ok(crate::kernels::on_workers(move || {
+                self.language_model
+                    .forward(embeds, attention_mask, &rope, cache, trace)
+            }));
+        }
         Ok(self
             .language_model
-            .forward(embeds, attention_mask, &self.rope(), cache, trace))
+            .forward(embeds, attention_mask, &rope, cache, trace))
     }
 
     /// Full forward from ids (and optional pixel tiles) to logits `[B, T, V]`, no cache kept.

@@ -54,6 +54,20 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) 
     }
 }
 
+/// Runs `f` on one of the kernels' worker threads (on this thread without threads): a
+/// decode step runs a hundred parallel products, and a caller outside the pool would hand
+/// each one over and sleep until it is done, paying a wake-up per product.
+pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(feature = "threads")]
+    {
+        rayon::scope(|_| f())
+    }
+    #[cfg(not(feature = "threads"))]
+    {
+        f()
+    }
+}
+
 /// Runs `f(i)` for `i` in `0..count`, on every core when threads are compiled in.
 fn for_each_index(count: usize, f: impl Fn(usize) + Sync + Send) {
     #[cfg(feature = "threads")]
