@@ -404,6 +404,22 @@ pub fn check_half_precision(
     report
 }
 
+/// The `--device` names of wgpu's backends.
+const WGPU_DEVICES: [&str; 6] = ["wgpu", "wgpu-cpu", "vulkan", "metal", "dx12", "gl"];
+
+/// Asserts that each of `expected` (`--device` names) that the tests run on is among the
+/// half-precision `devices`.
+pub fn assert_computes_half(devices: &[(String, Device)], expected: &[&str], precision: &str) {
+    for (name, _) in test_devices() {
+        if expected.contains(&name.as_str()) {
+            assert!(
+                devices.iter().any(|(n, _)| *n == name),
+                "{name} computes in {precision}"
+            );
+        }
+    }
+}
+
 /// The test devices (see [`test_devices`]) set to compute in `precision`: every one that can.
 /// ndarray computes in f32 only and wgpu has no bf16; any other refusal fails the test.
 pub fn half_precision_devices(
@@ -416,7 +432,10 @@ pub fn half_precision_devices(
             |(name, _)| match device_with_precision(Some(&name), precision) {
                 Ok(device) => Some((name, device)),
                 Err(_) if name == "ndarray" => None,
-                Err(_) if name == "wgpu" && precision == Precision::Bf16 => None,
+                // WGSL has no bf16.
+                Err(_) if WGPU_DEVICES.contains(&name.as_str()) && precision == Precision::Bf16 => {
+                    None
+                }
                 Err(e) => panic!("{name} in {precision}: {e}"),
             },
         )

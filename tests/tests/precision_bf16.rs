@@ -14,10 +14,7 @@ const BF16_REL_TOL: f32 = 0.05;
 #[test]
 fn bf16_tracks_the_f32_reference() {
     let devices = half_precision_devices(Precision::Bf16);
-    assert!(
-        devices.is_empty() != cfg!(any(feature = "flex", feature = "tch")),
-        "flex and tch compute in bf16"
-    );
+    assert_computes_half(&devices, &["flex", "tch"], "bf16");
     for (name, device) in devices {
         let report = check_half_precision(&name, &device, Precision::Bf16, BF16_REL_TOL);
         eprintln!("{name} bf16, largest logit error / largest logit: {report:?}");

@@ -13,10 +13,7 @@ const F16_REL_TOL: f32 = 0.01;
 #[test]
 fn f16_tracks_the_f32_reference() {
     let devices = half_precision_devices(Precision::F16);
-    assert!(
-        devices.is_empty() != cfg!(any(feature = "flex", feature = "wgpu", feature = "tch")),
-        "flex, wgpu and tch compute in f16"
-    );
+    assert_computes_half(&devices, &["flex", "wgpu", "tch"], "f16");
     for (name, device) in devices {
         let report = check_half_precision(&name, &device, Precision::F16, F16_REL_TOL);
         eprintln!("{name} f16, largest logit error / largest logit: {report:?}");

@@ -150,7 +150,7 @@ fn llama_setup(python: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
 }
 
 /// Median of the values of `key` over the reports, with the range when they differ.
-fn cell(reports: &[Value], key: &str, digits: usize) -> String {
+pub(crate) fn cell(reports: &[Value], key: &str, digits: usize) -> String {
     let mut values: Vec<f64> = reports
         .iter()
         .filter_map(|r| r.get(key).and_then(Value::as_f64))

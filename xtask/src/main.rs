@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the project's tasks in one place.
 
 mod bench;
+mod gpu_check;
 mod server;
 mod tch;
 mod test_dashboard;
@@ -51,6 +52,10 @@ enum Task {
         #[arg(long)]
         no_llama: bool,
     },
+    /// The GPU backends as one table: on a machine with an NVIDIA GPU, the `cuda` and `wgpu`
+    /// (Vulkan) builds, their backend tests and the Phantom-0.5B benchmark on each; without
+    /// one, the backend tests on wgpu's software path, naming what was skipped.
+    GpuCheck,
     /// `phantom-infer serve` with the demo model, driven by the official `openai` Python
     /// package (venv made once) and curl, with a load test of concurrent streaming clients.
     TestServe,
@@ -232,20 +237,9 @@ fn run_tests(mut cmd: Command, what: &str) -> anyhow::Result<()> {
         for line in BufReader::new(out).lines() {
             let line = line?;
             println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                for part in rest.split(';') {
-                    let mut words = part.split_whitespace().rev();
-                    let (Some(label), Some(n)) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    let n: u64 = n.trim_start_matches("ok.").trim().parse().unwrap_or(0);
-                    match label {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        _ => {}
-                    }
-                }
-            }
+            let (p, f) = result_counts(&line);
+            passed += p;
+            failed += f;
         }
     }
     let status = child.wait()?;
@@ -254,6 +248,27 @@ fn run_tests(mut cmd: Command, what: &str) -> anyhow::Result<()> {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+/// The passed and failed counts of a `test result: …` line of `cargo test` (zeros for any
+/// other line).
+pub(crate) fn result_counts(line: &str) -> (u64, u64) {
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(rest) = line.strip_prefix("test result: ") {
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let n: u64 = n.trim_start_matches("ok.").trim().parse().unwrap_or(0);
+            match label {
+                "passed" => passed += n,
+                "failed" => failed += n,
+                _ => {}
+            }
+        }
+    }
+    (passed, failed)
 }
 
 /// Runs a command and parses the JSON object it prints last on stdout.
@@ -301,6 +316,7 @@ fn main() -> anyhow::Result<()> {
             no_llama,
             repeats,
         }),
+        Task::GpuCheck => gpu_check::gpu_check(),
         Task::TestServe => test_serve::test_serve(),
         Task::TestDashboard => test_dashboard::test_dashboard(),
         Task::Wasm => web::build(),
