@@ -131,7 +131,10 @@ pub fn gpu_check() -> anyhow::Result<()> {
     for device in ["cuda", "vulkan"] {
         let tally_of = count_tests(
             backend_tests(features, device, Some(&target)),
-            &format!("backend tests on {device} ({features}, {})", target.display()),
+            &format!(
+                "backend tests on {device} ({features}, {})",
+                target.display()
+            ),
         )?;
         failed += tally_of.1;
         counts.push((device, tally_of));
@@ -158,7 +161,9 @@ pub fn gpu_check() -> anyhow::Result<()> {
         };
         for dtype in dtypes {
             let mut bench = Command::new(&bin);
-            bench.args(["bench", "--size", "0.5b", "--device", device, "--dtype", dtype]);
+            bench.args([
+                "bench", "--size", "0.5b", "--device", device, "--dtype", dtype,
+            ]);
             let report = json_of(bench, &format!("0.5B bench on {device} in {dtype}"))
                 .inspect_err(|e| eprintln!("xtask: {e:#}"))
                 .ok();

@@ -1,17 +1,19 @@
 //! Products with quantized weights ([`crate::quantize`]) laid out as Burn sees a linear weight:
 //! codes `[k, n]` as i8, one f32 scale per block of 32 inputs down each column (`[k / 32, n]`).
 //!
-//! A decode step ([`matvec`]) streams the codes once, one byte per weight: each core takes a
-//! contiguous stretch of code rows, widens each row to f32 times its scales in registers and
-//! adds it, weighted by the activation, into outputs that stay in cache; the cores' partial
-//! sums are added at the end.
+//! A decode step ([`matvec`]) streams the codes once, one byte per weight, in memory order:
+//! each core takes a contiguous stretch of code rows, widens each row to f32 in registers and
+//! adds it, weighted by the activation, into sums over the block that stay in cache; each
+//! block's sums are scaled into the outputs once, and the cores' partial outputs added at the
+//! end. (Reading a block's 32 rows a tile of columns at a time instead keeps the sums in
+//! registers but opens 32 streams `n` bytes apart, which waits on memory.)
 //! Larger batches ([`matmul`]) dequantize a panel of columns at a time into a buffer of a few
 //! MiB and run the f32 GEMM on it, so no float copy of the whole weight ever exists.
 
 use super::dot::{Isa, MAX_ROWS, isa};
 use crate::quantize::BLOCK;
 
-/// Output columns widened at a time: one code row of them fits a few vector registers.
+/// Codes widened at a time: a few vector registers.
 const TILE: usize = 64;
 
 /// `a·b + c`, fused where the build has FMA.
@@ -20,51 +22,41 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// `R` activation rows times one block of 32 code rows (from `i0`) and the [`TILE`] columns
-/// from `t0`, added into `out` (rows `n` apart) times the block's scales: the sums over the
-/// block stay in registers and the scales multiply once per block.
+/// Adds one code row (`n` codes), widened to f32 [`TILE`] at a time, times `x[r]` into the
+/// rows `r0..r0 + R` of the block sums `acc` (`[m, n]`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_tile<const R: usize, const FMA: bool>(
-    x: &[&[f32]; R],
-    codes: &[i8],
-    scales: &[f32],
+fn add_row<const R: usize, const FMA: bool>(
+    x: [f32; R],
+    row: &[i8],
+    acc: &mut [f32],
     n: usize,
-    i0: usize,
-    t0: usize,
-    out: &mut [f32],
     r0: usize,
 ) {
-    let mut acc = [[0.0f32; TILE]; R];
-    for ii in 0..BLOCK {
-        let i = i0 + ii;
-        let c: &[i8; TILE] = codes[i * n + t0..i * n + t0 + TILE]
-            .try_into()
-            .expect("a full tile");
+    let full = n / TILE * TILE;
+    for t0 in (0..full).step_by(TILE) {
+        let c: &[i8; TILE] = row[t0..t0 + TILE].try_into().expect("a full tile");
         let w: [f32; TILE] = std::array::from_fn(|t| f32::from(c[t]));
-        for r in 0..R {
-            let xv = x[r][i];
+        for (r, &xv) in x.iter().enumerate() {
+            let a: &mut [f32; TILE] = (&mut acc[(r0 + r) * n + t0..(r0 + r) * n + t0 + TILE])
+                .try_into()
+                .expect("a full tile");
             for t in 0..TILE {
-                acc[r][t] = madd::<FMA>(xv, w[t], acc[r][t]);
+                a[t] = madd::<FMA>(xv, w[t], a[t]);
             }
         }
     }
-    let s: &[f32; TILE] = scales[(i0 / BLOCK) * n + t0..(i0 / BLOCK) * n + t0 + TILE]
-        .try_into()
-        .expect("a full tile");
-    for r in 0..R {
-        let o: &mut [f32; TILE] = (&mut out[(r0 + r) * n + t0..(r0 + r) * n + t0 + TILE])
-            .try_into()
-            .expect("a full tile");
-        for t in 0..TILE {
-            o[t] = madd::<FMA>(acc[r][t], s[t], o[t]);
+    for (t, &c) in row.iter().enumerate().skip(full) {
+        for (r, &xv) in x.iter().enumerate() {
+            let a = &mut acc[(r0 + r) * n + t];
+            *a = madd::<FMA>(xv, f32::from(c), *a);
         }
     }
 }
 
-/// Adds the products of the code rows `i0..i1` (whole blocks, all `n` columns) into `out`
-/// (`[m, n]`), a block of rows and a [`TILE`] of columns at a time, four activation rows at a
-/// time; the columns past the last whole tile go one by one.
+/// Adds the products of the code rows `i0..i1` (whole blocks) into `out` (`[m, n]`), reading
+/// the codes in memory order: each code row is widened and added, weighted by the activations
+/// (four rows at a time), into the block sums `acc` (`[m, n]`, in cache), which are scaled
+/// into `out` once per block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rows_body<const FMA: bool>(
@@ -77,48 +69,34 @@ fn rows_body<const FMA: bool>(
     (i0, i1): (usize, usize),
     out: &mut [f32],
 ) {
-    let full = n / TILE * TILE;
+    let mut acc = vec![0.0f32; m * n];
     for b0 in (i0..i1).step_by(BLOCK) {
-        for t0 in (0..full).step_by(TILE) {
+        acc.fill(0.0);
+        for i in b0..b0 + BLOCK {
+            let row = &codes[i * n..(i + 1) * n];
+            let xv = |r: usize| x[r * k + i];
             let mut r0 = 0;
             while r0 < m {
-                let row = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
                 let take = (m - r0).min(4);
                 match take {
-                    1 => block_tile::<1, FMA>(&[row(0)], codes, scales, n, b0, t0, out, r0),
-                    2 => block_tile::<2, FMA>(&[row(0), row(1)], codes, scales, n, b0, t0, out, r0),
-                    3 => block_tile::<3, FMA>(
-                        &[row(0), row(1), row(2)],
-                        codes,
-                        scales,
+                    1 => add_row::<1, FMA>([xv(r0)], row, &mut acc, n, r0),
+                    2 => add_row::<2, FMA>([xv(r0), xv(r0 + 1)], row, &mut acc, n, r0),
+                    3 => add_row::<3, FMA>([xv(r0), xv(r0 + 1), xv(r0 + 2)], row, &mut acc, n, r0),
+                    _ => add_row::<4, FMA>(
+                        [xv(r0), xv(r0 + 1), xv(r0 + 2), xv(r0 + 3)],
+                        row,
+                        &mut acc,
                         n,
-                        b0,
-                        t0,
-                        out,
-                        r0,
-                    ),
-                    _ => block_tile::<4, FMA>(
-                        &[row(0), row(1), row(2), row(3)],
-                        codes,
-                        scales,
-                        n,
-                        b0,
-                        t0,
-                        out,
                         r0,
                     ),
                 }
                 r0 += take;
             }
         }
-        for t in full..n {
-            let s = scales[(b0 / BLOCK) * n + t];
-            for r in 0..m {
-                let mut sum = 0.0f32;
-                for i in b0..b0 + BLOCK {
-                    sum = madd::<FMA>(x[r * k + i], f32::from(codes[i * n + t]), sum);
-                }
-                out[r * n + t] = madd::<FMA>(sum, s, out[r * n + t]);
+        let s = &scales[(b0 / BLOCK) * n..(b0 / BLOCK + 1) * n];
+        for (o, a) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
+            for ((o, &a), &s) in o.iter_mut().zip(a).zip(s) {
+                *o = madd::<FMA>(a, s, *o);
             }
         }
     }
