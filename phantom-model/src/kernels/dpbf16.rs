@@ -8,6 +8,9 @@
 //! few rows stream each weight row once ([`matvec`]); larger batches run the blocked GEMM
 //! ([`super::gemm::matmul_bf16`]) over pair-packed slivers with [`micro`].
 
+// Without x86 the products are never available.
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+
 use half::bf16;
 
 /// Whether this processor has the AVX512-BF16 pair products (and the AVX-512 loads the

@@ -10,6 +10,12 @@
 //! ([`super::dpbf16`], [`matmul_bf16`]). The micro kernels are written with AVX-512 and AVX2
 //! intrinsics and chosen at run time; elsewhere the `gemm` crate computes the product.
 
+// The blocked driver runs with the x86 micro kernels only.
+#![cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, unused_mut, unused_variables)
+)]
+
 use half::bf16;
 
 use super::dot::Weight;

@@ -69,6 +69,7 @@ pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 /// Runs `f(i)` for `i` in `0..count`, on every core when threads are compiled in.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn for_each_index(count: usize, f: impl Fn(usize) + Sync + Send) {
     #[cfg(feature = "threads")]
     {
