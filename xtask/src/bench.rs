@@ -170,8 +170,12 @@ pub(crate) fn cell(reports: &[Value], key: &str, digits: usize) -> String {
 
 /// Runs the benchmark and prints the table.
 pub fn bench_infer(options: &Options) -> anyhow::Result<()> {
-    crate::build_bins("building phantom-infer")?;
-    let bin = web::target_dir().join("debug/phantom-infer");
+    // The release build users run: the test profile optimises only the model crate, and the
+    // generic tensor code instantiated in the binary's own crates would run slower.
+    let mut build = crate::cargo();
+    build.args(["build", "--release", "-p", "phantom-infer"]);
+    run(build, "building phantom-infer (release)")?;
+    let bin = web::target_dir().join("release/phantom-infer");
     std::fs::create_dir_all(bench_dir()).context("creating the bench folder")?;
     let f32_dir = checkpoint(&bin, "f32")?;
     let bf16_dir = checkpoint(&bin, "bf16")?;
