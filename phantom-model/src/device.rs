@@ -155,7 +155,9 @@ impl fmt::Display for Precision {
 
 /// Whether half precision on `device` means half-precision weights with f32 arithmetic: on
 /// flex the CPU kernels read f16 and bf16 weights as they are and accumulate in f32, which is
-/// as fast as computing in half precision throughout and more precise.
+/// as fast as computing in half precision throughout and more precise. (Where the processor
+/// has AVX512-BF16, a product with bf16 weights rounds its activations to bf16 for the pair
+/// products (`kernels::dpbf16`).)
 pub fn mixed_precision(device: &Device) -> bool {
     #[cfg(feature = "cpu-kernels")]
     {

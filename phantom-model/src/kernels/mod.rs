@@ -5,7 +5,9 @@
 //! row-major as `[out, in]` (the checkpoints' order) in its own precision — f32, f16 or bf16 —
 //! widens it in registers, accumulates in f32 and splits the output rows over the cores. Larger
 //! batches (a prompt, the vision tower) run a register-blocked GEMM ([`gemm`]) that widens the
-//! weight into its packed blocks, never as a whole.
+//! weight into its packed blocks, never as a whole. On processors with AVX512-BF16, bf16
+//! weights are multiplied by its pair products instead ([`dpbf16`]), their activations in
+//! bf16.
 //!
 //! [`linear_rows`] is the entry point: it works on flex tensors (not autodiff ones, whose
 //! products must be recorded) and answers `None` for anything else, so callers fall back to
@@ -118,7 +120,8 @@ fn activations(x: FlexTensor) -> Option<Vec<f32>> {
 
 /// `x · wᵀ` for `x` `[m, k]` and a weight `w_nk` that Burn sees as `[n, k]` and that is stored
 /// row-major in that order, on a flex device; `[m, n]` in `x`'s dtype. Up to [`MAX_ROWS`]
-/// rows stream the weight once ([`dot`]); more run the blocked product ([`gemm`]). `None`
+/// rows stream the weight once ([`dot`]); more run the blocked product ([`gemm`]); a bf16
+/// weight goes to the pair products where the processor has them ([`dpbf16`]). `None`
 /// where the kernels do not apply: another device, an autodiff tensor, a strided weight or an
 /// unsupported dtype.
 pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
