@@ -6,7 +6,8 @@
 //! from the cache buffers in their own precision. A few queries take the scores by
 //! [`dot::matvec_serial`] and the values by [`dot::weighted_rows`]; a prompt's (or a vision
 //! tile's) many queries go through the blocked GEMM a block of rows at a time, so the scores
-//! never exceed a few megabytes. Softmax is in f32; KV heads run in parallel.
+//! never exceed a few megabytes, each block over only the keys one of its rows sees (a causal
+//! prompt's block of early queries skips the later keys). Softmax is in f32; KV heads run in parallel.
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -65,6 +66,7 @@ pub fn attend(
         ),
         None => None,
     };
+    let reach = hidden.as_deref().map(|m| reach(m, len));
     let out_dtype = q.dtype();
     let q = activations(q.clone().try_into_primitive::<Flex>().ok()?)?;
     let contiguous = |t: FlexTensor| {
@@ -85,10 +87,11 @@ pub fn attend(
         len,
         t,
     };
+    let mask = hidden.as_deref().zip(reach.as_deref());
     let out = match k.dtype() {
-        DType::F32 => run::<f32>(&q, &k, &v, hidden.as_deref(), scale, shape)?,
-        DType::BF16 => run::<bf16>(&q, &k, &v, hidden.as_deref(), scale, shape)?,
-        DType::F16 => run::<f16>(&q, &k, &v, hidden.as_deref(), scale, shape)?,
+        DType::F32 => run::<f32>(&q, &k, &v, mask, scale, shape)?,
+        DType::BF16 => run::<bf16>(&q, &k, &v, mask, scale, shape)?,
+        DType::F16 => run::<f16>(&q, &k, &v, mask, scale, shape)?,
         _ => return None,
     };
     let mut data = TensorData::new(out, [b, hkv, rows, w]);
@@ -110,11 +113,21 @@ struct Shape {
     t: usize,
 }
 
+/// For each mask row (`[B·t, len]`, true where hidden), one past the last key it sees: a
+/// causal prompt's query sees only the keys up to its own.
+fn reach(hidden: &[bool], len: usize) -> Vec<usize> {
+    hidden
+        .chunks_exact(len)
+        .map(|row| row.iter().rposition(|&h| !h).map_or(0, |i| i + 1))
+        .collect()
+}
+
+/// `hidden` is the mask with its [`reach`], if any.
 fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
     k: &FlexTensor,
     v: &FlexTensor,
-    hidden: Option<&[bool]>,
+    hidden: Option<(&[bool], &[usize])>,
     scale: f32,
     s: Shape,
 ) -> Option<Vec<f32>> {
@@ -127,16 +140,20 @@ fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
         let k = &keys[cache..cache + s.len * s.w];
         let v = &values[cache..cache + s.len * s.w];
         let q = &q[pair * s.rows * s.w..(pair + 1) * s.rows * s.w];
-        let softmax = |p: &mut [f32], first_row: usize| {
-            for (r, row) in p.chunks_exact_mut(s.len).enumerate() {
+        // The scores of rows from `first_row`, over the first `keys` keys.
+        let softmax = |p: &mut [f32], first_row: usize, keys: usize| {
+            if keys == 0 {
+                return;
+            }
+            for (r, row) in p.chunks_exact_mut(keys).enumerate() {
                 let query = (first_row + r) % s.t;
-                let mask = hidden.map(|m| &m[(batch * s.t + query) * s.len..][..s.len]);
+                let mask = hidden.map(|(m, _)| &m[(batch * s.t + query) * s.len..][..keys]);
                 softmax_row(row, scale, mask);
             }
         };
         if s.rows <= FEW_ROWS {
             let mut p = dot::matvec_serial(q, s.rows, s.w, k, s.len);
-            softmax(&mut p, 0);
+            softmax(&mut p, 0, s.len);
             dot::weighted_rows(&p, s.rows, v, s.w, out);
             return;
         }
@@ -152,11 +169,21 @@ fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
         let mut p = vec![0.0f32; ROW_BLOCK.min(s.rows) * s.len];
         for r0 in (0..s.rows).step_by(ROW_BLOCK) {
             let rows = ROW_BLOCK.min(s.rows - r0);
-            let p = &mut p[..rows * s.len];
-            gemm::matmul_serial(&q[r0 * s.w..(r0 + rows) * s.w], rows, s.w, k, s.len, p);
-            softmax(p, r0);
+            // The keys that no row of the block sees (a causal prompt's later keys) are left
+            // out of both products.
+            let keys = match hidden {
+                Some((_, reach)) => (r0..r0 + rows)
+                    .map(|r| reach[batch * s.t + r % s.t])
+                    .max()
+                    .unwrap_or(0),
+                None => s.len,
+            };
+            let p = &mut p[..rows * keys];
+            let q = &q[r0 * s.w..(r0 + rows) * s.w];
+            gemm::matmul_serial(q, rows, s.w, (&k[..keys * s.w], s.w), keys, p);
+            softmax(p, r0, keys);
             let o = &mut out[r0 * s.w..(r0 + rows) * s.w];
-            gemm::matmul_serial(p, rows, s.len, &v_t, s.w, o);
+            gemm::matmul_serial(p, rows, keys, (&v_t, s.len), s.w, o);
         }
     });
     Some(out)

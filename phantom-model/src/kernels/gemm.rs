@@ -32,27 +32,35 @@ const MC: usize = 144;
 /// output columns are split between the cores.
 pub fn matmul<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
-    matmul_into(a, m, k, w, n, &mut c, super::threads());
+    matmul_into(a, m, k, (w, k), n, &mut c, super::threads());
     c
 }
 
 /// [`matmul`] into `c`, on the calling thread only (for callers that already split their work
-/// over the cores).
-pub fn matmul_serial<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize, c: &mut [f32]) {
-    matmul_into(a, m, k, w, n, c, 1);
+/// over the cores), with the rows of `w` `ldw` values apart (`ldw ≥ k`: the first `k` values of
+/// each longer row).
+pub fn matmul_serial<W: Weight>(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    (w, ldw): (&[W], usize),
+    n: usize,
+    c: &mut [f32],
+) {
+    matmul_into(a, m, k, (w, ldw), n, c, 1);
 }
 
 fn matmul_into<W: Weight>(
     a: &[f32],
     m: usize,
     k: usize,
-    w: &[W],
+    (w, ldw): (&[W], usize),
     n: usize,
     c: &mut [f32],
     threads: usize,
 ) {
     debug_assert_eq!(a.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
+    debug_assert!(ldw >= k && (n == 0 || w.len() >= (n - 1) * ldw + k));
     debug_assert_eq!(c.len(), m * n);
     if m == 0 || n == 0 {
         return;
@@ -66,7 +74,7 @@ fn matmul_into<W: Weight>(
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let avx2 = std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma");
-        let operands = Widened { a, w, k };
+        let operands = Widened { a, w, ldw, k };
         if avx512 {
             blocked::<_, 12, 32>(&operands, m, n, c, threads, x86::micro_avx512);
             return;
@@ -77,7 +85,7 @@ fn matmul_into<W: Weight>(
         }
     }
     c.fill(0.0);
-    fallback(a, m, k, w, n, c);
+    fallback(a, m, k, (w, ldw), n, c);
 }
 
 /// `C = A · Wᵀ` for `a` `[m, k]` and `w` `[n, k]` both in bf16 (row-major), on the AVX512-BF16
@@ -105,11 +113,20 @@ pub fn matmul_bf16(a: &[bf16], m: usize, k: usize, w: &[bf16], n: usize) -> Opti
 }
 
 /// The portable path: widen the weight a block at a time into the `gemm` crate.
-fn fallback<W: Weight>(a: &[f32], m: usize, k: usize, w: &[W], n: usize, c: &mut [f32]) {
+fn fallback<W: Weight>(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    (w, ldw): (&[W], usize),
+    n: usize,
+    c: &mut [f32],
+) {
     for j0 in (0..n).step_by(NC) {
         let cols = NC.min(n - j0);
         let mut widened = vec![0.0f32; cols * k];
-        W::widen(&w[j0 * k..(j0 + cols) * k], &mut widened);
+        for (j, row) in widened.chunks_exact_mut(k).enumerate() {
+            W::widen(&w[(j0 + j) * ldw..(j0 + j) * ldw + k], row);
+        }
         // SAFETY: `a` is [m, k] row-major, `widened` is [cols, k] row-major read as its
         // transpose [k, cols], and the destination is columns j0..j0+cols of the [m, n] `c`.
         unsafe {
@@ -173,10 +190,12 @@ trait Operands: Sync {
     );
 }
 
-/// `A` in f32 and `W` in any [`Weight`] type, widened to f32 as it is packed.
+/// `A` in f32 and `W` in any [`Weight`] type (rows `ldw` apart), widened to f32 as it is
+/// packed.
 struct Widened<'a, W> {
     a: &'a [f32],
     w: &'a [W],
+    ldw: usize,
     k: usize,
 }
 
@@ -199,7 +218,7 @@ impl<W: Weight> Operands for Widened<'_, W> {
         let mut widened = [0.0f32; KC];
         for_each_lane::<NR, _>(nc, kc, packed, |row, sliver, j| match row {
             Some(row) => {
-                let start = (jc + row) * self.k + pc;
+                let start = (jc + row) * self.ldw + pc;
                 W::widen(&self.w[start..start + kc], &mut widened[..kc]);
                 for (p, &v) in widened[..kc].iter().enumerate() {
                     sliver[p * NR + j] = v;
@@ -627,9 +646,29 @@ mod tests {
             let e = worst(&matmul(&a, m, k, &wh, n), &reference(&a, m, k, &wh_f, n));
             assert!(e <= tol, "f16 {m}x{k}x{n}: off by {e}");
             let mut portable = vec![0.0f32; m * n];
-            fallback(&a, m, k, &w, n, &mut portable);
+            fallback(&a, m, k, (&w, k), n, &mut portable);
             let e = worst(&portable, &reference(&a, m, k, &w, n));
             assert!(e <= tol, "portable {m}x{k}x{n}: off by {e}");
         }
+    }
+
+    #[test]
+    fn a_weight_with_longer_rows_is_read_to_the_depth() {
+        // The first k values of rows ldw apart, as attention reads a prefix of its keys.
+        let (m, k, n, ldw) = (30, 70, 45, 301);
+        let a = values(m * k, 7);
+        let wide = values(n * ldw, 8);
+        let w: Vec<f32> = wide
+            .chunks_exact(ldw)
+            .flat_map(|r| r[..k].to_vec())
+            .collect();
+        let want = reference(&a, m, k, &w, n);
+        let mut got = vec![f32::NAN; m * n];
+        matmul_serial(&a, m, k, (&wide, ldw), n, &mut got);
+        let e = worst(&got, &want);
+        assert!(e <= 2e-5 * (k as f32).sqrt(), "off by {e}");
+        let mut portable = vec![0.0f32; m * n];
+        fallback(&a, m, k, (&wide, ldw), n, &mut portable);
+        assert!(worst(&portable, &want) <= 2e-5 * (k as f32).sqrt());
     }
 }
