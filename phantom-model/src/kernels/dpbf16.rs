@@ -63,7 +63,7 @@ mod x86 {
 
     use half::bf16;
 
-    use crate::kernels::gemm::x86::tile;
+    use crate::kernels::gemm::x86::{tile, tile_12x32};
 
     /// Sixteen pairs of bf16 at `p` (32 values).
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -113,35 +113,16 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        tile!(
+        tile_12x32!(
             steps,
             a,
             b,
             c,
             ldc,
             accumulate,
-            16,
-            _mm512_setzero_ps,
-            _mm512_loadu_ps,
             load_pairs,
-            _mm512_storeu_ps,
             broadcast_pair,
-            dot_pairs,
-            _mm512_add_ps,
-            [
-                (0, c00, c01),
-                (1, c10, c11),
-                (2, c20, c21),
-                (3, c30, c31),
-                (4, c40, c41),
-                (5, c50, c51),
-                (6, c60, c61),
-                (7, c70, c71),
-                (8, c80, c81),
-                (9, c90, c91),
-                (10, ca0, ca1),
-                (11, cb0, cb1)
-            ]
+            dot_pairs
         );
     }
 

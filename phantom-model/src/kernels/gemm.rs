@@ -216,15 +216,12 @@ impl<W: Weight> Operands for Widened<'_, W> {
         packed: &mut [f32],
     ) {
         let mut widened = [0.0f32; KC];
-        for_each_lane::<NR, _>(nc, kc, packed, |row, sliver, j| match row {
-            Some(row) => {
-                let start = (jc + row) * self.ldw + pc;
-                W::widen(&self.w[start..start + kc], &mut widened[..kc]);
-                for (p, &v) in widened[..kc].iter().enumerate() {
-                    sliver[p * NR + j] = v;
-                }
+        for_each_lane::<NR, _>(nc, kc, packed, |row, sliver, j| {
+            let start = (jc + row) * self.ldw + pc;
+            W::widen(&self.w[start..start + kc], &mut widened[..kc]);
+            for (p, &v) in widened[..kc].iter().enumerate() {
+                sliver[p * NR + j] = v;
             }
-            None => (0..kc).for_each(|p| sliver[p * NR + j] = 0.0),
         });
     }
 
@@ -236,14 +233,11 @@ impl<W: Weight> Operands for Widened<'_, W> {
         kc: usize,
         packed: &mut [f32],
     ) {
-        for_each_lane::<MR, _>(mc, kc, packed, |row, sliver, i| match row {
-            Some(row) => {
-                let start = (ic + row) * self.k + pc;
-                for (p, &v) in self.a[start..start + kc].iter().enumerate() {
-                    sliver[p * MR + i] = v;
-                }
+        for_each_lane::<MR, _>(mc, kc, packed, |row, sliver, i| {
+            let start = (ic + row) * self.k + pc;
+            for (p, &v) in self.a[start..start + kc].iter().enumerate() {
+                sliver[p * MR + i] = v;
             }
-            None => (0..kc).for_each(|p| sliver[p * MR + i] = 0.0),
         });
     }
 }
@@ -287,12 +281,9 @@ impl Operands for Pairs<'_> {
         kc: usize,
         packed: &mut [u32],
     ) {
-        for_each_lane::<NR, _>(nc, kc.div_ceil(2), packed, |row, sliver, j| match row {
-            Some(row) => {
-                let start = (jc + row) * self.k + pc;
-                pack_pairs(&self.w[start..start + kc], sliver, NR, j);
-            }
-            None => (0..kc.div_ceil(2)).for_each(|p| sliver[p * NR + j] = 0),
+        for_each_lane::<NR, _>(nc, kc.div_ceil(2), packed, |row, sliver, j| {
+            let start = (jc + row) * self.k + pc;
+            pack_pairs(&self.w[start..start + kc], sliver, NR, j);
         });
     }
 
@@ -304,30 +295,31 @@ impl Operands for Pairs<'_> {
         kc: usize,
         packed: &mut [u32],
     ) {
-        for_each_lane::<MR, _>(mc, kc.div_ceil(2), packed, |row, sliver, i| match row {
-            Some(row) => {
-                let start = (ic + row) * self.k + pc;
-                pack_pairs(&self.a[start..start + kc], sliver, MR, i);
-            }
-            None => (0..kc.div_ceil(2)).for_each(|p| sliver[p * MR + i] = 0),
+        for_each_lane::<MR, _>(mc, kc.div_ceil(2), packed, |row, sliver, i| {
+            let start = (ic + row) * self.k + pc;
+            pack_pairs(&self.a[start..start + kc], sliver, MR, i);
         });
     }
 }
 
 /// Calls `f(row, sliver, lane)` for every lane of the slivers `WIDTH` lanes wide that hold
-/// `rows` rows of `steps` packed values each (`row` is `None` past the last row), `sliver`
-/// being the lane's sliver of `packed`.
-fn for_each_lane<const WIDTH: usize, P>(
+/// `rows` rows of `steps` packed values each, `sliver` being the lane's sliver of `packed`;
+/// the lanes past the last row are zeroed.
+fn for_each_lane<const WIDTH: usize, P: bytemuck::Pod>(
     rows: usize,
     steps: usize,
     packed: &mut [P],
-    mut f: impl FnMut(Option<usize>, &mut [P], usize),
+    mut f: impl FnMut(usize, &mut [P], usize),
 ) {
     for s in 0..rows.div_ceil(WIDTH) {
         let sliver = &mut packed[s * WIDTH * steps..(s + 1) * WIDTH * steps];
         for lane in 0..WIDTH {
             let row = s * WIDTH + lane;
-            f((row < rows).then_some(row), sliver, lane);
+            if row < rows {
+                f(row, sliver, lane);
+            } else {
+                (0..steps).for_each(|p| sliver[p * WIDTH + lane] = P::zeroed());
+            }
         }
     }
 }
@@ -523,7 +515,45 @@ pub(super) mod x86 {
         }};
     }
 
-    pub(in crate::kernels) use tile;
+    /// The 12 × 32 AVX-512 tile of [`tile!`] (24 accumulators, two B registers per step),
+    /// with B loaded by `$load_b`, A broadcast by `$set1` and multiplied-added by `$fma`.
+    macro_rules! tile_12x32 {
+        ($steps:expr, $a:expr, $b:expr, $c:expr, $ldc:expr, $accumulate:expr,
+         $load_b:ident, $set1:ident, $fma:ident) => {
+            tile!(
+                $steps,
+                $a,
+                $b,
+                $c,
+                $ldc,
+                $accumulate,
+                16,
+                _mm512_setzero_ps,
+                _mm512_loadu_ps,
+                $load_b,
+                _mm512_storeu_ps,
+                $set1,
+                $fma,
+                _mm512_add_ps,
+                [
+                    (0, c00, c01),
+                    (1, c10, c11),
+                    (2, c20, c21),
+                    (3, c30, c31),
+                    (4, c40, c41),
+                    (5, c50, c51),
+                    (6, c60, c61),
+                    (7, c70, c71),
+                    (8, c80, c81),
+                    (9, c90, c91),
+                    (10, ca0, ca1),
+                    (11, cb0, cb1)
+                ]
+            )
+        };
+    }
+
+    pub(in crate::kernels) use {tile, tile_12x32};
 
     /// 12 × 32 tile: 24 AVX-512 accumulators, each step two loads of B and 12 broadcasts of A.
     ///
@@ -540,35 +570,16 @@ pub(super) mod x86 {
         ldc: usize,
         accumulate: bool,
     ) {
-        tile!(
+        tile_12x32!(
             kc,
             a,
             b,
             c,
             ldc,
             accumulate,
-            16,
-            _mm512_setzero_ps,
             _mm512_loadu_ps,
-            _mm512_loadu_ps,
-            _mm512_storeu_ps,
             _mm512_set1_ps,
-            _mm512_fmadd_ps,
-            _mm512_add_ps,
-            [
-                (0, c00, c01),
-                (1, c10, c11),
-                (2, c20, c21),
-                (3, c30, c31),
-                (4, c40, c41),
-                (5, c50, c51),
-                (6, c60, c61),
-                (7, c70, c71),
-                (8, c80, c81),
-                (9, c90, c91),
-                (10, ca0, ca1),
-                (11, cb0, cb1)
-            ]
+            _mm512_fmadd_ps
         );
     }
 
