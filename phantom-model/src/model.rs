@@ -239,15 +239,16 @@ impl PhantomModel {
         }
         let rope = self.rope();
         #[cfg(feature = "cpu-kernels")]
-        if crate::kernels::is_flex(&embeds.device()) {
-            return Ok(crate::kernels::on_workers(move || {
-                self.language_model
-                    .forward(embeds, attention_mask, &rope, cache, trace)
-            }));
+        let on_flex = crate::kernels::is_flex(&embeds.device());
+        let forward = move || {
+            self.language_model
+                .forward(embeds, attention_mask, &rope, cache, trace)
+        };
+        #[cfg(feature = "cpu-kernels")]
+        if on_flex {
+            return Ok(crate::kernels::on_workers(forward));
         }
-        Ok(self
-            .language_model
-            .forward(embeds, attention_mask, &rope, cache, trace))
+        Ok(forward())
     }
 
     /// Full forward from ids (and optional pixel tiles) to logits `[B, T, V]`, no cache kept.

@@ -14,7 +14,7 @@ use burn::tensor::DType;
 use burn_flex::{Flex, FlexTensor};
 use half::{bf16, f16};
 
-use super::{activations, dot, for_each_chunk, gemm, is_flex};
+use super::{activations, contiguous, dot, for_each_chunk, gemm, is_flex};
 
 /// Queries per KV head up to which the scores are taken row by row; more go through the GEMM.
 const FEW_ROWS: usize = 16;
@@ -69,13 +69,6 @@ pub fn attend(
     let reach = hidden.as_deref().map(|m| reach(m, len));
     let out_dtype = q.dtype();
     let q = activations(q.clone().try_into_primitive::<Flex>().ok()?)?;
-    let contiguous = |t: FlexTensor| {
-        if t.is_contiguous() {
-            t
-        } else {
-            t.to_contiguous()
-        }
-    };
     let k = contiguous(k.clone().try_into_primitive::<Flex>().ok()?);
     let v = contiguous(v.clone().try_into_primitive::<Flex>().ok()?);
     let shape = Shape {

@@ -97,13 +97,18 @@ fn contiguous_values<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -
     t.storage::<E>().get(start..start + layout.num_elements())
 }
 
+/// `t` with its values contiguous in memory (itself when they already are).
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
 /// The activations `[m, k]` as f32 values.
 fn activations(x: FlexTensor) -> Option<Vec<f32>> {
-    let x = if x.is_contiguous() {
-        x
-    } else {
-        x.to_contiguous()
-    };
+    let x = contiguous(x);
     Some(match x.dtype() {
         DType::F32 => contiguous_values::<f32>(&x)?.to_vec(),
         DType::BF16 => contiguous_values::<bf16>(&x)?
@@ -140,12 +145,7 @@ pub fn linear_rows(x: &Tensor<2>, w_nk: &Tensor<2>) -> Option<Tensor<2>> {
     if !w.is_contiguous() {
         return None;
     }
-    let x = x.clone().try_into_primitive::<Flex>().ok()?;
-    let x = if x.is_contiguous() {
-        x
-    } else {
-        x.to_contiguous()
-    };
+    let x = contiguous(x.clone().try_into_primitive::<Flex>().ok()?);
     if let Some(y) = pair_product(&x, &w, m, k, n) {
         return Some(flex_tensor(y, [m, n], out_dtype));
     }
