@@ -8,12 +8,11 @@
 //! Without one it runs the same tests on wgpu's software path (Mesa's Vulkan, as `cargo xtask
 //! test` does) and names what it skipped.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::Value;
 
 use crate::{TEST_FEATURES, bench::cell, cargo, json_of, run, web};
@@ -44,24 +43,10 @@ fn nvidia_gpus() -> Vec<String> {
     }
 }
 
-/// Passed and failed tests of a `cargo test` run, its output passed through.
-fn count_tests(mut cmd: Command, what: &str) -> anyhow::Result<(u64, u64)> {
-    eprintln!("xtask: {what}");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {what}"))?;
-    let (mut passed, mut failed) = (0, 0);
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            println!("{line}");
-            let (p, f) = crate::result_counts(&line);
-            passed += p;
-            failed += f;
-        }
-    }
-    let status = child.wait()?;
+/// Passed and failed tests of a `cargo test` run, its output passed through; an error when it
+/// failed without a failing test (it did not build).
+fn count_tests(cmd: Command, what: &str) -> anyhow::Result<(u64, u64)> {
+    let (passed, failed, status) = crate::test_counts(cmd, what)?;
     if !status.success() && failed == 0 {
         bail!("{what} failed ({status})");
     }

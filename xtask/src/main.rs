@@ -225,7 +225,21 @@ fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
 
 /// Runs `cargo test`, passing its output through, and closes with one line totalling every test
 /// binary's result (the doc-test runs come last and would otherwise close on "0 passed").
-fn run_tests(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+fn run_tests(cmd: Command, what: &str) -> anyhow::Result<()> {
+    let (passed, failed, status) = test_counts(cmd, what)?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through: the passed and failed tests over every test
+/// binary, and the exit status.
+pub(crate) fn test_counts(
+    mut cmd: Command,
+    what: &str,
+) -> anyhow::Result<(u64, u64, std::process::ExitStatus)> {
     use std::io::{BufRead, BufReader};
     eprintln!("xtask: {what}");
     let mut child = cmd
@@ -242,17 +256,12 @@ fn run_tests(mut cmd: Command, what: &str) -> anyhow::Result<()> {
             failed += f;
         }
     }
-    let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
+    Ok((passed, failed, child.wait()?))
 }
 
 /// The passed and failed counts of a `test result: …` line of `cargo test` (zeros for any
 /// other line).
-pub(crate) fn result_counts(line: &str) -> (u64, u64) {
+fn result_counts(line: &str) -> (u64, u64) {
     let (mut passed, mut failed) = (0, 0);
     if let Some(rest) = line.strip_prefix("test result: ") {
         for part in rest.split(';') {
