@@ -90,17 +90,18 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dims = x.dims();
     let k = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
-    let weight = layer.weight.val();
-    let n = weight.dims()[1];
+    let n = layer.weight.dims()[1];
     let x = x.reshape([rows, k]);
-    // A quantized weight is read as it lies: transposing it would re-quantize it.
+    // A quantized weight is read as it lies: transposing it would re-quantize it. It is
+    // borrowed, not taken by `val()`: cloning a quantized flex tensor copies its scales.
     #[cfg(feature = "cpu-kernels")]
-    let quantized = crate::kernels::quantized_rows(&x, &weight);
+    let quantized = crate::kernels::quantized_rows(&x, &layer.weight);
     #[cfg(not(feature = "cpu-kernels"))]
     let quantized: Option<Tensor<2>> = None;
     let y = match quantized {
         Some(y) => y,
-        None => product(x, weight.transpose()),
+        // `val()`: the weight with its reparameterization (a LoRA adapter) applied.
+        None => product(x, layer.weight.val().transpose()),
     };
     let y = match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
@@ -112,8 +113,14 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// Logits `hidden · Eᵀ` (`[rows, V]`) of a head tied to the embedding `E` (`[V, d]`), with the
-/// embedding read as it is stored.
-pub fn tied_head(embedding: Tensor<2>, hidden: Tensor<2>) -> Tensor<2> {
+/// embedding read as it is stored (quantized or float).
+pub fn tied_head(embedding: &Param<Tensor<2>>, hidden: Tensor<2>) -> Tensor<2> {
+    // Borrowed while quantized (see `linear`).
+    #[cfg(feature = "cpu-kernels")]
+    if let Some(y) = crate::kernels::quantized_table_product(&hidden, embedding) {
+        return y;
+    }
+    let embedding = embedding.val();
     #[cfg(feature = "cpu-kernels")]
     if let Some(y) = crate::kernels::linear_rows(&hidden, &embedding) {
         return y;
@@ -182,11 +189,14 @@ mod tests {
         let device = Device::flex();
         let (v, d) = (1000, 64);
         let e = values(v * d, 4);
-        let embedding = Tensor::<2>::from_data(TensorData::new(e.clone(), [v, d]), &device);
+        let embedding = Param::from_tensor(Tensor::<2>::from_data(
+            TensorData::new(e.clone(), [v, d]),
+            &device,
+        ));
         for rows in [1, 2, 12] {
             let h = values(rows * d, 5);
             let hidden = Tensor::<2>::from_data(TensorData::new(h.clone(), [rows, d]), &device);
-            let got = host(tied_head(embedding.clone(), hidden));
+            let got = host(tied_head(&embedding, hidden));
             let worst = worst(&got, &x_wt(&h, rows, d, &e, v));
             assert!(worst < 1e-4, "{rows} rows: off by {worst}");
         }

@@ -5,13 +5,15 @@
 //! `s = max |w| / q` rounded up to an f16 (`q` = 127 for 8 bits, 7 for 4 bits) and the codes
 //! `c = round(w / s)` in `−q..=q`, so that `w ≈ c · s`. Every linear layer of the vision
 //! tower, the projector and the decoder (the phantom projections included) whose input width
-//! is a multiple of 32 is quantized; norms, biases, token embeddings and the phantom gates stay
-//! in float, as does an untied LM head unless asked for.
+//! is a multiple of 32 is quantized, and so are the token embeddings (which a tied LM head
+//! reads) unless asked otherwise; norms, biases and the phantom gates stay in float, as does an
+//! untied LM head unless asked for.
 //!
 //! # On disk
 //! A quantized folder is an ordinary model folder whose `config.json` has a `quantization`
-//! section (`{"scheme": "q8", "block_size": 32, "scale_dtype": "f16", "lm_head": false}`) and
-//! whose safetensors file holds, for each quantized `….weight` (official `[out, in]` layout):
+//! section (`{"scheme": "q8", "block_size": 32, "scale_dtype": "f16", "lm_head": false,
+//! "embeddings": true}`) and whose safetensors file holds, for each quantized `….weight`
+//! (official `[out, in]` layout; `[vocabulary, hidden]` for the embeddings):
 //! - `….weight`: the codes, `I8 [out, in]` for q8; for q4 `U8 [out, in / 2]`, two codes per
 //!   byte, the even input in the low nibble, each stored as `c + 8` (0..=15);
 //! - `….weight_scale`: `F16 [out, in / 32]`, the scale of each block, row-major.
@@ -160,6 +162,10 @@ pub struct QuantizationConfig {
     /// Whether an untied LM head is quantized too.
     #[serde(default)]
     pub lm_head: bool,
+    /// Whether the token embeddings are quantized too (and with them a head tied to them).
+    /// Folders written before this was chosen kept them in float.
+    #[serde(default)]
+    pub embeddings: bool,
 }
 
 /// Dtype of the stored scales.
@@ -171,14 +177,26 @@ pub enum ScaleType {
 }
 
 impl QuantizationConfig {
-    /// The section for `scheme`.
-    pub fn new(scheme: Quantization, lm_head: bool) -> Self {
+    /// The section for `scheme`, with the token embeddings quantized and an untied LM head
+    /// in float.
+    pub fn new(scheme: Quantization) -> Self {
         Self {
             scheme,
             block_size: BLOCK,
             scale_dtype: ScaleType::F16,
-            lm_head,
+            lm_head: false,
+            embeddings: true,
         }
+    }
+
+    /// This section with an untied LM head quantized or not.
+    pub fn with_lm_head(self, lm_head: bool) -> Self {
+        Self { lm_head, ..self }
+    }
+
+    /// This section with the token embeddings quantized or not.
+    pub fn with_embeddings(self, embeddings: bool) -> Self {
+        Self { embeddings, ..self }
     }
 
     /// Checks what this build reads.
@@ -274,6 +292,33 @@ pub fn columns(
     let codes_kn = transpose_into(codes, n, k, room);
     let scales_kn = transpose_into(scales, n, k / BLOCK, Vec::new());
     TensorData::quantized(codes_kn, [k, n], column_scheme(scheme), &scales_kn, None)
+}
+
+/// Codes and scales of an `[n, k]` table (row-major, scales `[n, k / 32]`) as the quantized
+/// tensor data of that same `[n, k]` matrix, blocks of 32 along each row: a token embedding,
+/// which the flex kernels gather rows from and multiply as a tied LM head.
+///
+/// # Panics
+/// If the lengths are not `n·k` codes and `n·k/32` scales.
+pub fn rows(
+    codes: Vec<i8>,
+    scales: &[f32],
+    n: usize,
+    k: usize,
+    scheme: Quantization,
+) -> TensorData {
+    assert!(
+        codes.len() == n * k && scales.len() * BLOCK == n * k,
+        "{n}x{k} codes with one scale per block of {BLOCK}"
+    );
+    let mut codes = codes;
+    // Room for the scales, which Burn appends to the codes' allocation (see `columns`).
+    codes.reserve_exact(size_of_val(scales) + 16);
+    let scheme = QuantScheme::default()
+        .with_value(scheme.value())
+        .with_store(QuantStore::Native)
+        .per_block([1, BLOCK as u8], ScaleDtype::F16);
+    TensorData::quantized(codes, [n, k], scheme, scales, None)
 }
 
 /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, written into `out`

@@ -207,7 +207,7 @@ impl LoadOptions {
     #[must_use]
     pub fn quantized(self, scheme: Option<Quantization>) -> Self {
         Self {
-            quantize: scheme.map(|q| QuantizationConfig::new(q, false)),
+            quantize: scheme.map(QuantizationConfig::new),
             ..self
         }
     }
@@ -644,13 +644,18 @@ impl Filler<'_> {
             let bytes = convert(part.data(entry), from, DType::F32, &entry.shape, false);
             part.release(entry);
             let [n, k] = [entry.shape[0], entry.shape[1]];
+            let (codes, scales) = quantize::quantize_host(&typed::<f32>(&bytes), k, q.scheme);
             return Some(place_quantized(
                 &self.device,
                 self.out_in,
                 self.native_quantized,
-                quantize::quantize_host(&typed::<f32>(&bytes), k, q.scheme),
-                [n, k],
-                q.scheme,
+                Codes {
+                    codes,
+                    scales,
+                    nk: [n, k],
+                    scheme: q.scheme,
+                    role,
+                },
                 dtype,
             ));
         }
@@ -696,8 +701,8 @@ impl Filler<'_> {
             ));
             return None;
         };
-        let (k, n) = match want {
-            [k, n] if quantizes(Some(q), key, role, want) => (*k, *n),
+        let [n, k] = match checkpoint_nk(role, want) {
+            Some(nk) if quantizes(Some(q), key, role, want) => nk,
             _ => {
                 self.problems.push(format!(
                     "{key}: stored quantized, but with this config it is a float tensor"
@@ -749,36 +754,63 @@ impl Filler<'_> {
             &self.device,
             self.out_in,
             self.native_quantized,
-            (codes, scale_values),
-            [n, k],
-            q.scheme,
+            Codes {
+                codes,
+                scales: scale_values,
+                nk: [n, k],
+                scheme: q.scheme,
+                role,
+            },
             dtype,
         ))
     }
 }
 
-/// A linear weight `[n, k]` (Burn sees `[in, out]`) given as its codes and block scales,
-/// placed on `device`: a quantized tensor where the device has quantized arithmetic
-/// (`native`), otherwise the dequantized values in `dtype` laid out as the device reads them,
-/// so that every backend computes with the same weights.
-#[allow(clippy::too_many_arguments)]
+/// A quantized matrix as its codes and block scales, in the checkpoint's order.
+struct Codes {
+    /// One code per value, row-major `[n, k]`.
+    codes: Vec<i8>,
+    /// One scale per block of 32 along each row, `[n, k / 32]`.
+    scales: Vec<f32>,
+    /// `[n, k]`: outputs and inputs of a linear weight, vocabulary and hidden size of the
+    /// token embeddings.
+    nk: [usize; 2],
+    scheme: Quantization,
+    /// A linear weight (Burn sees its transpose `[k, n]`) or the token embeddings (`[n, k]`).
+    role: Role,
+}
+
+/// A quantized matrix placed on `device`: a quantized tensor where the device has quantized
+/// arithmetic (`native`; for the token embeddings, flex only), otherwise the dequantized
+/// values in `dtype` laid out as the device reads them, so that every backend computes with
+/// the same weights.
 fn place_quantized<const D: usize>(
     device: &Device,
     out_in: bool,
     native: bool,
-    (codes, scales): (Vec<i8>, Vec<f32>),
-    [n, k]: [usize; 2],
-    scheme: Quantization,
+    Codes {
+        codes,
+        scales,
+        nk: [n, k],
+        scheme,
+        role,
+    }: Codes,
     dtype: DType,
 ) -> Tensor<D> {
+    let linear = role == Role::LinearWeight;
     if native && out_in {
-        // Flex: the codes laid out as Burn sees the weight, [k, n] with blocks of 32 down each
-        // column, which the CPU kernels read as they are (a transposed view would be
-        // re-quantized by every operation on it).
-        return Tensor::<D>::from_data(quantize::columns(&codes, &scales, n, k, scheme), device);
+        // Flex: a linear weight laid out as Burn sees it, [k, n] with blocks of 32 down each
+        // column, and the embeddings [n, k] with blocks along each row; the CPU kernels read
+        // both as they are (a transposed view would be re-quantized by every operation on it).
+        let data = if linear {
+            quantize::columns(&codes, &scales, n, k, scheme)
+        } else {
+            quantize::rows(codes, &scales, n, k, scheme)
+        };
+        return Tensor::<D>::from_data(data, device);
     }
     let values = quantize::dequantize_host(&codes, &scales, k);
-    if native {
+    if native && linear {
         // Burn's GPU kernels re-derive the scales from the values: the same codes, except in a
         // block whose f16 scale is subnormal (weights below about 2e-3 in q8), where a code
         // can move by one step. They keep the scales in f32 (which holds every f16): adapters
@@ -786,29 +818,48 @@ fn place_quantized<const D: usize>(
         let w = Tensor::<D>::from_data(TensorData::new(values, [n, k]), (device, DType::F32));
         return w.quantize_dynamic(&scheme.gpu_scheme()).transpose();
     }
-    // No quantized arithmetic (ndarray, libtorch): the same weights in float, `[k, n]`.
+    // No quantized arithmetic (ndarray, libtorch), or embeddings off flex (an embedding lookup
+    // has no quantized kernel there): the same values in float, a linear weight as `[k, n]`.
     let bytes = convert(
         bytemuck::cast_slice(&values),
         DType::F32,
         dtype,
         &[n, k],
-        true,
+        linear,
     );
-    let stored = TensorData::from_bytes(bytes, [k, n], dtype);
+    let shape = if linear { [k, n] } else { [n, k] };
+    let stored = TensorData::from_bytes(bytes, shape, dtype);
     Tensor::<D>::from_data(stored, (device, dtype))
 }
 
-/// Whether the linear weight `key` (Burn shape `[in, out]`) gets quantized under `config`:
-/// inputs a multiple of the block, not a phantom gate, not the LM head unless asked.
+/// `[n, k]` in the checkpoint's order of a matrix whose Burn shape is `want`: a linear weight's
+/// transposed, the embeddings' as they are.
+fn checkpoint_nk(role: Role, want: &[usize]) -> Option<[usize; 2]> {
+    match (role, want) {
+        (Role::LinearWeight, &[k, n]) => Some([n, k]),
+        (Role::Matrix, &[n, k]) => Some([n, k]),
+        _ => None,
+    }
+}
+
+/// Whether the parameter `key` (Burn shape `want`) gets quantized under `config`: a linear
+/// weight whose inputs are a multiple of the block, not a phantom gate, not an untied LM head
+/// unless asked; the token embeddings if asked.
 fn quantizes(config: Option<QuantizationConfig>, key: &str, role: Role, want: &[usize]) -> bool {
     let Some(q) = config else {
         return false;
     };
-    role == Role::LinearWeight
-        && want.len() == 2
-        && quantize::quantizable(want[0])
-        && !key.contains("gating_phantom")
-        && (q.lm_head || !TIED_HEAD_KEYS.contains(&key))
+    let Some([_, k]) = checkpoint_nk(role, want) else {
+        return false;
+    };
+    let wanted = match role {
+        Role::LinearWeight => {
+            !key.contains("gating_phantom") && (q.lm_head || !TIED_HEAD_KEYS.contains(&key))
+        }
+        Role::Matrix => q.embeddings,
+        Role::Other => false,
+    };
+    wanted && quantize::quantizable(k)
 }
 
 /// Quantizes the linear weights of a model already in memory (random weights for a
@@ -854,22 +905,33 @@ impl ModuleMapper for Quantizer {
         {
             return param;
         }
+        let Some([n, k]) = checkpoint_nk(role, &want) else {
+            return param;
+        };
         param.map(|t| {
             let dtype = t.dtype();
-            let [k, n] = [want[0], want[1]];
+            let t = if role == Role::LinearWeight {
+                t.transpose()
+            } else {
+                t
+            };
             let values = t
-                .transpose()
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .unwrap_or_default();
+            let (codes, scales) = quantize::quantize_host(&values, k, self.config.scheme);
             place_quantized(
                 &self.device,
                 self.out_in,
                 self.native,
-                quantize::quantize_host(&values, k, self.config.scheme),
-                [n, k],
-                self.config.scheme,
+                Codes {
+                    codes,
+                    scales,
+                    nk: [n, k],
+                    scheme: self.config.scheme,
+                    role,
+                },
                 dtype,
             )
         })
@@ -1130,13 +1192,19 @@ impl safetensors::View for Stored {
 }
 
 impl Collector {
-    /// A quantized linear weight (Burn's view `[k, n]`) as its codes and block scales
+    /// A quantized matrix (`[n, k]` in the checkpoint) as its codes and block scales
     /// ([`crate::quantize`]), each computed when the writer asks for it: the writer orders
     /// tensors by dtype, so keeping the codes until their scales are written would hold every
     /// weight's codes at once.
-    fn quantized<const D: usize>(&mut self, key: String, weight: Tensor<D>, scheme: Quantization) {
-        let [k, n] = [weight.dims()[0], weight.dims()[D - 1]];
-        let codes_and_scales = move || stored_codes(weight.clone(), scheme);
+    fn quantized<const D: usize>(
+        &mut self,
+        key: String,
+        weight: Tensor<D>,
+        [n, k]: [usize; 2],
+        role: Role,
+        scheme: Quantization,
+    ) {
+        let codes_and_scales = move || stored_codes(weight.clone(), role, scheme);
         let (code_dtype, code_shape) = match scheme {
             Quantization::Q8 => (Dtype::I8, vec![n, k]),
             Quantization::Q4 => (Dtype::U8, vec![n, k / 2]),
@@ -1171,20 +1239,32 @@ impl Collector {
     }
 }
 
-/// The codes (`[n, k]`) and block scales (`[n, k / 32]`) of a quantized linear weight seen as
-/// `[k, n]`: read as they lie on flex; elsewhere re-derived from the dequantized values, which
-/// gives them back unless a block's f16 scale is subnormal (weights below about 2e-3 in q8).
-fn stored_codes<const D: usize>(weight: Tensor<D>, scheme: Quantization) -> (Vec<i8>, Vec<f32>) {
-    // A linear weight has rank 2 (an operation such as a reshape would re-quantize it).
+/// The codes (`[n, k]`) and block scales (`[n, k / 32]`) of a quantized matrix in the
+/// checkpoint's order (a linear weight Burn sees as `[k, n]`, or the embeddings): read as they
+/// lie on flex; elsewhere re-derived from the (dequantized) values, which gives them back
+/// unless a block's f16 scale is subnormal (weights below about 2e-3 in q8).
+fn stored_codes<const D: usize>(
+    weight: Tensor<D>,
+    role: Role,
+    scheme: Quantization,
+) -> (Vec<i8>, Vec<f32>) {
+    // A matrix has rank 2 (an operation such as a reshape would re-quantize it).
     let weight = Tensor::<2>::from_dispatch(weight.into_dispatch());
-    let [k, _] = weight.dims();
     #[cfg(feature = "cpu-kernels")]
     if let Some(parts) = crate::kernels::quantized_parts(&weight) {
         return parts;
     }
+    let weight = match weight.dtype() {
+        DType::QFloat(_) => weight.dequantize(),
+        _ => weight,
+    };
+    let weight = if role == Role::LinearWeight {
+        weight.transpose()
+    } else {
+        weight
+    };
+    let [_, k] = weight.dims();
     let values: Vec<f32> = weight
-        .dequantize()
-        .transpose()
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -1204,12 +1284,11 @@ impl ModuleVisitor for Collector {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
         let mut value = param.val();
-        if let (DType::QFloat(_), Some(q), true) = (
-            value.dtype(),
-            self.quantization,
-            role == Role::LinearWeight && D == 2,
-        ) {
-            self.quantized(key, value, q.scheme);
+        let dims = value.dims().to_vec();
+        if let (Some(q), Some(nk)) = (self.quantization, checkpoint_nk(role, &dims))
+            && quantizes(Some(q), &key, role, &dims)
+        {
+            self.quantized(key, value, nk, role, q.scheme);
             return;
         }
         if role == Role::LinearWeight && D == 2 {

@@ -5,7 +5,7 @@
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
-use phantom_model::quantize::Quantization;
+use phantom_model::quantize::{Quantization, QuantizationConfig};
 use phantom_model::{LoadOptions, PhantomModel, load_model, save_model_as};
 use phantom_tests::*;
 use safetensors::Dtype;
@@ -123,9 +123,18 @@ fn quantized_kernels_equal_the_model_with_dequantized_weights() {
 
 /// A quantized copy of the tied fixture written to a temporary folder.
 fn quantized_folder(scheme: Quantization) -> (tempfile::TempDir, PhantomModel, Device) {
+    quantized_folder_as(QuantizationConfig::new(scheme))
+}
+
+/// [`quantized_folder`] quantized as `config` says.
+fn quantized_folder_as(config: QuantizationConfig) -> (tempfile::TempDir, PhantomModel, Device) {
     let device = phantom_model::device::device(Some("flex")).expect("flex");
     let fx = Fixture::open("tiny_tied");
-    let model = load(&fx.dir(), &device, Some(scheme));
+    let options = LoadOptions {
+        quantize: Some(config),
+        ..LoadOptions::default()
+    };
+    let model = load_model(fx.dir(), &device, options).expect("the fixture quantized");
     let dir = tempfile::tempdir().expect("temporary folder");
     save_model_as(&model, dir.path(), DType::BF16).expect("writing the quantized folder");
     (dir, model, device)
@@ -152,7 +161,16 @@ fn a_quantized_folder_loads_back_to_the_same_model_on_every_backend() {
             Quantization::Q4 => assert_eq!((codes.0, codes.1), (Dtype::U8, vec![64, 64])),
         }
         assert_eq!((scales.0, scales.1), (Dtype::F16, vec![64, 4]));
-        // Embeddings and norms stay in float, in the dtype asked for.
+        // The token embeddings ([512, 64], tied to the head) are quantized along each row.
+        let key = "language_model.model.embed_tokens.weight";
+        let codes = file.raw(key);
+        match scheme {
+            Quantization::Q8 => assert_eq!((codes.0, codes.1), (Dtype::I8, vec![512, 64])),
+            Quantization::Q4 => assert_eq!((codes.0, codes.1), (Dtype::U8, vec![512, 32])),
+        }
+        let scales = file.raw(&format!("{key}_scale"));
+        assert_eq!((scales.0, scales.1), (Dtype::F16, vec![512, 2]));
+        // Norms stay in float, in the dtype asked for.
         assert_eq!(file.raw("language_model.model.norm.weight").0, Dtype::BF16);
 
         // The same model from the folder, without asking for quantization: the embeddings
@@ -239,6 +257,41 @@ fn dequantized_weights(model: &PhantomModel) -> Vec<Vec<f32>> {
     let mut c = Collect(Vec::new());
     model.visit(&mut c);
     c.0
+}
+
+#[test]
+fn embeddings_kept_in_float_stay_float_through_a_folder() {
+    // As `quantize --float-embeddings` writes it, and as folders did before the embeddings
+    // could be quantized (their config has no `embeddings` entry, read as false).
+    let fx = Fixture::open("tiny_tied");
+    let config = QuantizationConfig::new(Quantization::Q4).with_embeddings(false);
+    let (dir, model, device) = quantized_folder_as(config);
+    let file = Tensors::open(dir.path().join("model.safetensors"));
+    let key = "language_model.model.embed_tokens.weight";
+    assert_eq!(file.raw(key).0, Dtype::BF16);
+    let config_path = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).expect("config"))
+            .expect("JSON");
+    assert_eq!(json["quantization"]["embeddings"], false);
+    json["quantization"]
+        .as_object_mut()
+        .expect("object")
+        .remove("embeddings");
+    std::fs::write(&config_path, json.to_string()).expect("write");
+    let back = load(dir.path(), &device, None);
+    let embeddings = back.language_model.model.embed_tokens.weight.val();
+    assert!(!matches!(embeddings.dtype(), DType::QFloat(_)));
+    let want = phantom_model::cast_parameters(model, LoadOptions::uniform(DType::BF16));
+    let want = phantom_model::cast_parameters(want, LoadOptions::default());
+    let (want_text, want_mm, keep) = logits(&fx, &want, &device);
+    let (text, mm, _) = logits(&fx, &back, &device);
+    assert_same_logits(
+        "float embeddings",
+        (&text, &mm),
+        (&want_text, &want_mm),
+        &keep,
+    );
 }
 
 #[test]
@@ -334,6 +387,15 @@ fn broken_quantized_folders_are_named() {
             [64, 64],
             out_of_range,
             [key, "-128"],
+        ),
+        (
+            "embedding codes of the wrong shape",
+            Quantization::Q8,
+            "language_model.model.embed_tokens.weight",
+            Dtype::I8,
+            [512, 32],
+            vec![0; 512 * 32],
+            ["embed_tokens", "[512, 64]"],
         ),
         (
             "a zero scale",

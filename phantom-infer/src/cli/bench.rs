@@ -146,7 +146,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 load_options(&device, args.dtype),
             );
             if let Some(scheme) = args.quantize {
-                let config = phantom_model::quantize::QuantizationConfig::new(scheme, false);
+                let config = phantom_model::quantize::QuantizationConfig::new(scheme);
                 model = phantom_model::quantize_parameters(model, config);
             }
             (model, device)

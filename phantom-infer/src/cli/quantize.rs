@@ -1,4 +1,5 @@
-//! `phantom-infer quantize`: a model folder → a folder with 8- or 4-bit linear weights
+//! `phantom-infer quantize`: a model folder → a folder with 8- or 4-bit linear weights and
+//! token embeddings
 //! (`phantom_model::quantize` describes the layout) and every other file copied, which every
 //! subcommand and the web page load like any other folder.
 
@@ -26,7 +27,12 @@ pub struct QuantizeArgs {
     /// Quantize an untied LM head too (smaller, a little less exact).
     #[arg(long)]
     lm_head: bool,
-    /// Precision of what stays in float (embeddings, norms, biases, phantom gates).
+    /// Keep the token embeddings (and a head tied to them) in float: larger and slower to
+    /// decode, a little more exact.
+    #[arg(long)]
+    float_embeddings: bool,
+    /// Precision of what stays in float (norms, biases, phantom gates, and the embeddings
+    /// with --float-embeddings).
     #[arg(long, default_value = "bf16")]
     float_dtype: Precision,
     /// Replace the model files of an existing folder at --out.
@@ -71,7 +77,9 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     // Quantized on flex, whose quantized tensors the writer reads back.
     let device = phantom_model::device::device(Some("flex"))
         .context("quantizing needs the flex backend (build with the `flex` feature)")?;
-    let config = QuantizationConfig::new(args.scheme, args.lm_head);
+    let config = QuantizationConfig::new(args.scheme)
+        .with_lm_head(args.lm_head)
+        .with_embeddings(!args.float_embeddings);
     let options = LoadOptions {
         quantize: Some(config),
         ..LoadOptions::default()

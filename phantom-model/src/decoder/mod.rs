@@ -98,12 +98,41 @@ impl CausalLm {
     /// Token embeddings of `ids` (`[B, T]` → `[B, T, D]`), in the dtype the decoder computes
     /// in (the table may be stored in half precision, see [`crate::LoadOptions::weights`]).
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let embeds = self.model.embed_tokens.forward(ids);
+        let embeds = self
+            .quantized_embed(&ids)
+            .unwrap_or_else(|| self.model.embed_tokens.forward(ids));
         let dtype = self.model.norm.gamma.val().dtype();
         if embeds.dtype() == dtype {
             embeds
         } else {
             embeds.cast(dtype)
+        }
+    }
+
+    /// The rows of a quantized embedding table on flex ([`crate::quantize::rows`]), read by the
+    /// CPU kernels; `None` for a float table or another device.
+    fn quantized_embed(&self, ids: &Tensor<2, Int>) -> Option<Tensor<3>> {
+        #[cfg(feature = "cpu-kernels")]
+        {
+            let table: &Tensor<2> = &self.model.embed_tokens.weight;
+            if !matches!(table.dtype(), burn::tensor::DType::QFloat(_)) {
+                return None;
+            }
+            let [b, t] = ids.dims();
+            let flat: Vec<usize> = ids
+                .to_data()
+                .convert::<i64>()
+                .iter::<i64>()
+                .map(|id| usize::try_from(id).unwrap_or(usize::MAX))
+                .collect();
+            let rows = crate::kernels::quantized_gather(table, &flat)?;
+            let d = rows.dims()[1];
+            Some(rows.reshape([b, t, d]))
+        }
+        #[cfg(not(feature = "cpu-kernels"))]
+        {
+            let _ = ids;
+            None
         }
     }
 
@@ -201,7 +230,7 @@ impl CausalLm {
             Some(head) => crate::linear::linear(head, hidden),
             None => {
                 let [b, t, d] = hidden.dims();
-                let weight = self.model.embed_tokens.weight.val();
+                let weight = &self.model.embed_tokens.weight;
                 let v = weight.dims()[0];
                 crate::linear::tied_head(weight, hidden.reshape([b * t, d])).reshape([b, t, v])
             }

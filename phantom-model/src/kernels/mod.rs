@@ -18,6 +18,7 @@ pub mod dot;
 pub mod dpbf16;
 pub mod gemm;
 pub mod quant;
+pub mod quant_rows;
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -196,35 +197,47 @@ fn flex_tensor(values: Vec<f32>, shape: [usize; 2], dtype: DType) -> Tensor<2> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(data))
 }
 
-/// The codes (`[k, n]`, row-major) and block scales (`[k / 32, n]`) of a quantized weight
-/// `w_kn` stored on flex as [`crate::quantize::columns`] lays it out; `None` for any other
-/// device, layout or scheme.
-fn quantized_codes(w_kn: &Tensor<2>) -> Option<(burn_flex::FlexQTensor, usize, usize)> {
+/// How a quantized flex tensor `[rows, cols]` is cut into blocks of 32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blocks {
+    /// Down each column: a linear weight seen as `[k, n]` ([`crate::quantize::columns`]).
+    DownColumns,
+    /// Along each row: a token embedding `[V, d]` ([`crate::quantize::rows`]).
+    AlongRows,
+}
+
+/// The flex quantized tensor behind `w` (codes row-major as Burn sees `w`, one scale per block
+/// in the blocks' row-major order) and how its blocks lie; `None` for any other device or
+/// scheme.
+fn quantized_codes(w: &Tensor<2>) -> Option<(burn_flex::FlexQTensor, Blocks)> {
     use burn_dispatch::{BackendTensor, DispatchKindConversion, DispatchTensor};
-    if !is_flex(&w_kn.device()) {
+    if !is_flex(&w.device()) {
         return None;
     }
-    let [k, n] = w_kn.dims();
-    let DType::QFloat(scheme) = w_kn.dtype() else {
+    let [rows, cols] = w.dims();
+    let DType::QFloat(scheme) = w.dtype() else {
         return None;
     };
-    if !k.is_multiple_of(BLOCK) || scheme.tensor_scale().is_some() {
+    if scheme.tensor_scale().is_some() {
         return None;
     }
-    if scheme.block_size()?.as_slice() != [BLOCK as u8, 1] {
-        return None;
-    }
-    let dispatch = w_kn.clone().into_dispatch();
+    // Burn drops leading unit dimensions of a block size: `as_dim` restores them.
+    let blocks = match scheme.block_size()?.as_dim::<2>() {
+        [b, 1] if b as usize == BLOCK && rows.is_multiple_of(BLOCK) => Blocks::DownColumns,
+        [1, b] if b as usize == BLOCK && cols.is_multiple_of(BLOCK) => Blocks::AlongRows,
+        _ => return None,
+    };
+    let dispatch = w.clone().into_dispatch();
     let BackendTensor::Quantized(q) =
         <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(dispatch).ok()?
     else {
         return None;
     };
     let codes = contiguous_values::<i8>(q.tensor())?;
-    if codes.len() != n * k || q.scales().len() != n * k / BLOCK {
+    if codes.len() != rows * cols || q.scales().len() != rows * cols / BLOCK {
         return None;
     }
-    Some((q, k, n))
+    Some((q, blocks))
 }
 
 /// `x · w` for `x` `[m, k]` and a quantized weight `w_kn` seen as `[k, n]` and stored so on a
@@ -235,8 +248,9 @@ pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
         return None;
     }
     let [m, k] = x.dims();
-    let (q, k_w, n) = quantized_codes(w_kn)?;
-    if k != k_w {
+    let [k_w, n] = w_kn.dims();
+    let (q, blocks) = quantized_codes(w_kn)?;
+    if k != k_w || blocks != Blocks::DownColumns {
         return None;
     }
     let codes = contiguous_values::<i8>(q.tensor())?;
@@ -246,14 +260,54 @@ pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
     Some(flex_tensor(y, [m, n], out_dtype))
 }
 
-/// The codes (`[n, k]`) and block scales (`[n, k / 32]`) of a quantized flex weight seen as
-/// `[k, n]`, in the checkpoint's order, exactly as stored.
-pub fn quantized_parts(w_kn: &Tensor<2>) -> Option<(Vec<i8>, Vec<f32>)> {
-    let (q, k, n) = quantized_codes(w_kn)?;
+/// `x · tᵀ` for `x` `[m, k]` and a quantized table `t_nk` `[n, k]` with blocks along its rows
+/// ([`crate::quantize::rows`]): the logits of a head tied to a quantized embedding, `[m, n]`
+/// in `x`'s dtype. `None` for any other device, layout or scheme.
+pub fn quantized_table_product(x: &Tensor<2>, t_nk: &Tensor<2>) -> Option<Tensor<2>> {
+    if !is_flex(&x.device()) {
+        return None;
+    }
+    let [m, k] = x.dims();
+    let [n, k_t] = t_nk.dims();
+    let (q, blocks) = quantized_codes(t_nk)?;
+    if k != k_t || blocks != Blocks::AlongRows {
+        return None;
+    }
     let codes = contiguous_values::<i8>(q.tensor())?;
-    let codes_nk = transpose_into(codes, k, n, Vec::new());
-    let scales_nk = transpose_into(q.scales(), k / BLOCK, n, Vec::new());
-    Some((codes_nk, scales_nk))
+    let out_dtype = x.dtype();
+    let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
+    let y = quant_rows::product(&xs, m, k, codes, q.scales(), n);
+    Some(flex_tensor(y, [m, n], out_dtype))
+}
+
+/// Rows `ids` of a quantized table `t` `[n, k]` with blocks along its rows, dequantized to f32
+/// (`[ids.len(), k]`): an embedding lookup. `None` for any other device, layout or scheme, or
+/// an id not below `n`.
+pub fn quantized_gather(t: &Tensor<2>, ids: &[usize]) -> Option<Tensor<2>> {
+    let [_, k] = t.dims();
+    let (q, blocks) = quantized_codes(t)?;
+    if blocks != Blocks::AlongRows {
+        return None;
+    }
+    let codes = contiguous_values::<i8>(q.tensor())?;
+    let rows = quant_rows::gather(codes, q.scales(), k, ids)?;
+    Some(flex_tensor(rows, [ids.len(), k], DType::F32))
+}
+
+/// The codes and block scales of a quantized flex weight in the checkpoint's order, exactly as
+/// stored: `[n, k]` and `[n, k / 32]` for a linear weight seen as `[k, n]`, the table as it
+/// lies for an embedding.
+pub fn quantized_parts(w: &Tensor<2>) -> Option<(Vec<i8>, Vec<f32>)> {
+    let [rows, cols] = w.dims();
+    let (q, blocks) = quantized_codes(w)?;
+    let codes = contiguous_values::<i8>(q.tensor())?;
+    Some(match blocks {
+        Blocks::DownColumns => (
+            transpose_into(codes, rows, cols, Vec::new()),
+            transpose_into(q.scales(), rows / BLOCK, cols, Vec::new()),
+        ),
+        Blocks::AlongRows => (codes.to_vec(), q.scales().to_vec()),
+    })
 }
 
 fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
@@ -261,5 +315,51 @@ fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> 
         dot::matvec(x, m, k, w, n)
     } else {
         gemm::matmul(x, m, k, w, n)
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use crate::quantize::{Quantization, dequantize_host, quantize_host};
+    use crate::testing::{values, worst, x_wt};
+
+    #[test]
+    fn a_quantized_table_is_gathered_and_multiplied_by_the_kernels() {
+        let device = Device::flex();
+        let (n, k) = (300, 96);
+        for scheme in [Quantization::Q8, Quantization::Q4] {
+            let (codes, scales) = quantize_host(&values(n * k, 7), k, scheme);
+            let dense = dequantize_host(&codes, &scales, k);
+            let table = Tensor::<2>::from_data(
+                crate::quantize::rows(codes, &scales, n, k, scheme),
+                &device,
+            );
+            let ids = [5, 299, 0, 5];
+            let rows = gather_values(quantized_gather(&table, &ids).expect("the kernel path"));
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&id| dense[id * k..(id + 1) * k].to_vec())
+                .collect();
+            assert_eq!(rows, want, "{scheme} gather");
+            assert!(
+                quantized_gather(&table, &[n]).is_none(),
+                "an id past the table"
+            );
+            for m in [1, 3, 12] {
+                let x = values(m * k, 8 + m as u64);
+                let hidden = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+                let y = quantized_table_product(&hidden, &table).expect("the kernel path");
+                let e = worst(&gather_values(y), &x_wt(&x, m, k, &dense, n));
+                assert!(e < 1e-4, "{scheme} head, {m} rows: off by {e}");
+            }
+        }
+    }
+
+    fn gather_values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32")
     }
 }

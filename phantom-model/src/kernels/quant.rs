@@ -200,6 +200,26 @@ fn columns_per_panel(k: usize) -> usize {
 /// panel is multiplied by the GEMM on every core.
 pub fn matmul(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
     debug_assert_eq!(codes.len(), n * k);
+    by_panels(x, m, k, n, |j, row| {
+        for (b, block) in row.chunks_exact_mut(BLOCK).enumerate() {
+            let s = scales[b * n + j];
+            for (ii, v) in block.iter_mut().enumerate() {
+                *v = f32::from(codes[(b * BLOCK + ii) * n + j]) * s;
+            }
+        }
+    })
+}
+
+/// `y = x · wᵀ` (`x` `[m, k]`, `y` `[m, n]`) for a quantized weight whose row `j` (`k` values)
+/// `weight_row(j, row)` writes in f32: a panel of a few MiB of rows at a time, each multiplied
+/// by the f32 GEMM on every core, so no float copy of the whole weight ever exists.
+pub(super) fn by_panels(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    weight_row: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
@@ -209,16 +229,8 @@ pub fn matmul(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     for j0 in (0..n).step_by(panel) {
         let width = panel.min(n - j0);
         let w = &mut w[..width * k];
-        // Column t of the panel becomes row t of `w`; each thread fills whole rows.
-        super::for_each_chunk(w, k, |t, row| {
-            let j = j0 + t;
-            for (b, block) in row.chunks_exact_mut(BLOCK).enumerate() {
-                let s = scales[b * n + j];
-                for (ii, v) in block.iter_mut().enumerate() {
-                    *v = f32::from(codes[(b * BLOCK + ii) * n + j]) * s;
-                }
-            }
-        });
+        // Each thread fills whole rows.
+        super::for_each_chunk(w, k, |t, row| weight_row(j0 + t, row));
         let part = super::gemm::matmul(x, m, k, w, width);
         for r in 0..m {
             y[r * n + j0..r * n + j0 + width].copy_from_slice(&part[r * width..(r + 1) * width]);

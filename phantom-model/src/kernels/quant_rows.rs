@@ -1,0 +1,251 @@
+//! A quantized table laid out row-major, `[n, k]`, blocks of 32 along each row, one f32 scale
+//! per block (`[n, k / 32]`): the token embedding of a quantized model, which a tied LM head
+//! reads as its weight (`n` = vocabulary, `k` = hidden size).
+//!
+//! A decode step ([`matvec`]) takes each output as a dot product of one code row with the
+//! activations: the 32 codes of a block are widened to f32 in registers, multiplied and summed,
+//! and the block's sum weighted by its scale; the rows are split between the cores. Larger
+//! batches dequantize panels of rows for the f32 GEMM ([`super::quant::by_panels`]);
+//! [`gather`] reads whole rows, as an embedding lookup does.
+
+use super::dot::{Isa, MAX_ROWS, isa};
+use crate::quantize::BLOCK;
+
+/// Lanes of one accumulator: an AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
+
+/// `a·b + c`, fused where the build has FMA.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// The dot products of one code row (`codes`, `k` values, with its `scales`) with the
+/// activation rows `x` (each `k` values).
+#[inline(always)]
+fn dot_row<const R: usize, const FMA: bool>(
+    x: [&[f32]; R],
+    codes: &[i8],
+    scales: &[f32],
+) -> [f32; R] {
+    let mut acc = [[0.0f32; LANES]; R];
+    for (b, (c, &s)) in codes.chunks_exact(BLOCK).zip(scales).enumerate() {
+        let c: &[i8; BLOCK] = c.try_into().expect("a whole block");
+        let w: [f32; BLOCK] = std::array::from_fn(|t| f32::from(c[t]));
+        for (r, xr) in x.iter().enumerate() {
+            let xb: &[f32; BLOCK] = xr[b * BLOCK..(b + 1) * BLOCK]
+                .try_into()
+                .expect("a whole block");
+            let mut part = [0.0f32; LANES];
+            for t in 0..LANES {
+                part[t] = madd::<FMA>(w[t + LANES], xb[t + LANES], w[t] * xb[t]);
+            }
+            for t in 0..LANES {
+                acc[r][t] = madd::<FMA>(part[t], s, acc[r][t]);
+            }
+        }
+    }
+    std::array::from_fn(|r| acc[r].iter().sum())
+}
+
+/// Fills `out` (`[rows, m]`: each output row's `m` products in turn) for the code rows
+/// starting at `j0`.
+#[inline(always)]
+fn rows_body<const FMA: bool>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[f32],
+    j0: usize,
+    out: &mut [f32],
+) {
+    let blocks = k / BLOCK;
+    for (t, o) in out.chunks_exact_mut(m).enumerate() {
+        let j = j0 + t;
+        let c = &codes[j * k..(j + 1) * k];
+        let s = &scales[j * blocks..(j + 1) * blocks];
+        let mut r0 = 0;
+        while r0 < m {
+            let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
+            let take = (m - r0).min(4);
+            match take {
+                1 => o[r0..r0 + 1].copy_from_slice(&dot_row::<1, FMA>([xr(0)], c, s)),
+                2 => o[r0..r0 + 2].copy_from_slice(&dot_row::<2, FMA>([xr(0), xr(1)], c, s)),
+                3 => o[r0..r0 + 3].copy_from_slice(&dot_row::<3, FMA>([xr(0), xr(1), xr(2)], c, s)),
+                _ => o[r0..r0 + 4].copy_from_slice(&dot_row::<4, FMA>(
+                    [xr(0), xr(1), xr(2), xr(3)],
+                    c,
+                    s,
+                )),
+            }
+            r0 += take;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn rows_avx512(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[f32],
+    j0: usize,
+    out: &mut [f32],
+) {
+    rows_body::<true>(x, m, k, codes, scales, j0, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[f32],
+    j0: usize,
+    out: &mut [f32],
+) {
+    rows_body::<true>(x, m, k, codes, scales, j0, out);
+}
+
+/// Output rows per task: a few per core and thread, so that the cores finish together.
+const TASKS_PER_THREAD: usize = 4;
+
+/// `y = x · (c·s)ᵀ` for `x` `[m, k]` (f32, row-major), codes `[n, k]` and scales `[n, k / 32]`:
+/// `y` is `[m, n]`. `k` must be a multiple of 32. Each code row is read once, whatever `m`.
+pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(codes.len(), n * k);
+    debug_assert_eq!(scales.len(), n * k / BLOCK);
+    debug_assert!(k.is_multiple_of(BLOCK));
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let per_task = n.div_ceil(super::threads() * TASKS_PER_THREAD).max(16);
+    // Each task's outputs `[rows, m]`, transposed to `[m, n]` at the end.
+    let mut by_row = vec![0.0f32; n * m];
+    super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
+        let j0 = task * per_task;
+        match isa() {
+            // SAFETY: `isa()` chose these only after detecting every feature they enable.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { rows_avx512(x, m, k, codes, scales, j0, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { rows_avx2(x, m, k, codes, scales, j0, out) },
+            Isa::Portable => rows_body::<false>(x, m, k, codes, scales, j0, out),
+        }
+    });
+    if m == 1 {
+        return by_row;
+    }
+    crate::quantize::transpose_into(&by_row, n, m, Vec::new())
+}
+
+/// [`matvec`] up to [`MAX_ROWS`] rows; beyond, panels of rows dequantized for the GEMM.
+pub fn product(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+    if m <= MAX_ROWS {
+        return matvec(x, m, k, codes, scales, n);
+    }
+    let blocks = k / BLOCK;
+    super::quant::by_panels(x, m, k, n, |j, row| {
+        dequantize_row(
+            &codes[j * k..(j + 1) * k],
+            &scales[j * blocks..(j + 1) * blocks],
+            row,
+        );
+    })
+}
+
+/// Row `codes` (with its block `scales`) as f32 values in `out`.
+fn dequantize_row(codes: &[i8], scales: &[f32], out: &mut [f32]) {
+    for ((o, c), &s) in out
+        .chunks_exact_mut(BLOCK)
+        .zip(codes.chunks_exact(BLOCK))
+        .zip(scales)
+    {
+        for (o, &c) in o.iter_mut().zip(c) {
+            *o = f32::from(c) * s;
+        }
+    }
+}
+
+/// The rows `ids` of the table (codes `[n, k]`, scales `[n, k / 32]`) dequantized,
+/// `[ids.len(), k]`; `None` if an id is not below `n`.
+pub fn gather(codes: &[i8], scales: &[f32], k: usize, ids: &[usize]) -> Option<Vec<f32>> {
+    let n = codes.len() / k.max(1);
+    if ids.iter().any(|&id| id >= n) {
+        return None;
+    }
+    let blocks = k / BLOCK;
+    let mut out = vec![0.0f32; ids.len() * k];
+    for (o, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
+        dequantize_row(
+            &codes[id * k..(id + 1) * k],
+            &scales[id * blocks..(id + 1) * blocks],
+            o,
+        );
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::{Quantization, dequantize_host, quantize_host};
+    use crate::testing::{values, worst, x_wt};
+
+    #[test]
+    fn row_products_equal_the_product_with_dequantized_weights() {
+        // Past one task's rows, odd output counts, one to many activation rows.
+        for (m, k, n) in [
+            (1, 32, 1),
+            (1, 64, 3),
+            (2, 96, 33),
+            (3, 896, 129),
+            (4, 64, 1000),
+            (5, 160, 7),
+            (8, 256, 61),
+            (9, 128, 5),
+            (40, 224, 530),
+        ] {
+            let x = values(m * k, 3 + k as u64);
+            let w = values(n * k, 4 + n as u64);
+            for scheme in [Quantization::Q8, Quantization::Q4] {
+                let (codes, scales) = quantize_host(&w, k, scheme);
+                let want = x_wt(&x, m, k, &dequantize_host(&codes, &scales, k), n);
+                let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
+                let e = worst(&product(&x, m, k, &codes, &scales, n), &want);
+                assert!(e <= tol, "{scheme} {m}x{k}x{n}: off by {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn gathered_rows_are_the_dequantized_rows() {
+        let (n, k) = (50, 64);
+        let (codes, scales) = quantize_host(&values(n * k, 9), k, Quantization::Q4);
+        let table = dequantize_host(&codes, &scales, k);
+        let ids = [3, 0, 49, 3];
+        let got = gather(&codes, &scales, k, &ids).expect("ids in range");
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&id| table[id * k..(id + 1) * k].to_vec())
+            .collect();
+        assert_eq!(got, want);
+        assert!(gather(&codes, &scales, k, &[50]).is_none());
+    }
+
+    #[test]
+    fn a_nan_scale_reaches_its_output() {
+        let (m, k, n) = (2, 64, 3);
+        let (codes, mut scales) = quantize_host(&values(n * k, 5), k, Quantization::Q8);
+        scales[2] = f32::NAN; // row 1, block 0
+        let y = product(&values(m * k, 6), m, k, &codes, &scales, n);
+        assert!(y[1].is_nan() && y[n + 1].is_nan(), "{y:?}");
+        assert!(y[0].is_finite() && y[2].is_finite());
+    }
+}
