@@ -88,13 +88,33 @@ fn dequantized(model: PhantomModel) -> PhantomModel {
     model.map(&mut Dequantize)
 }
 
+/// Whether the quantized products of `device_name` take the float activations as they are:
+/// flex on a processor with AVX512-VNNI quantizes the activations of its products with more
+/// than a few rows too (`phantom_model::kernels::vnni`).
+fn float_activations(device_name: &str) -> bool {
+    #[cfg(feature = "flex")]
+    if device_name == "flex" {
+        return !phantom_model::kernels::quant::quantizes_activations();
+    }
+    let _ = device_name;
+    true
+}
+
+/// Logit error (as `assert_close` counts it) that quantizing the activations per block of 32
+/// may add on the fixtures: each block's rounding is at most half a step of 1/127 of its
+/// largest value, but the tiny random models (logits of std 0.8) amplify it through their
+/// layers, to 0.1 at worst (a mean KL of about 1e-4). A product reading the wrong codes or
+/// scales is off by the logits' whole size; `vnni.rs` checks the integer products exactly.
+const ACTIVATION_ROUNDING: f32 = 0.15;
+
 #[test]
 fn quantized_kernels_equal_the_model_with_dequantized_weights() {
     for name in FIXTURES {
         let fx = Fixture::open(name);
         for scheme in [Quantization::Q8, Quantization::Q4] {
             // Every backend computes with the same weights: quantized where it multiplies
-            // them so (flex, wgpu), dequantized at load elsewhere (ndarray, libtorch).
+            // them so (flex, wgpu), dequantized at load elsewhere (ndarray, libtorch); the
+            // backends that keep the float activations agree with each other.
             let mut first: Option<(String, Vec<f32>, Vec<f32>)> = None;
             for (device_name, device) in test_devices() {
                 let model = load(&fx.dir(), &device, Some(scheme));
@@ -107,6 +127,18 @@ fn quantized_kernels_equal_the_model_with_dequantized_weights() {
                 let what = format!("{name} {scheme} on {device_name}");
                 let (text, mm, keep) = logits(&fx, &model, &device);
                 let (want_text, want_mm, _) = logits(&fx, &dequantized(model), &device);
+                if !float_activations(&device_name) {
+                    let tol = ACTIVATION_ROUNDING;
+                    assert_close(
+                        &format!("{what}: text"),
+                        &text,
+                        &want_text,
+                        Some(&keep),
+                        tol,
+                    );
+                    assert_close(&format!("{what}: picture"), &mm, &want_mm, None, tol);
+                    continue;
+                }
                 assert_same_logits(&what, (&text, &mm), (&want_text, &want_mm), &keep);
                 match &first {
                     None => first = Some((device_name, text, mm)),
@@ -177,12 +209,19 @@ fn a_quantized_folder_loads_back_to_the_same_model_on_every_backend() {
         // and norms went through bf16, so compare against the in-memory model cast alike.
         let want = phantom_model::cast_parameters(model, LoadOptions::uniform(DType::BF16));
         let want = phantom_model::cast_parameters(want, LoadOptions::default());
-        let (want_text, want_mm, keep) = logits(&fx, &want, &device);
+        // Its logits as flex computes them, and with the float activations as they are.
+        let (flex_text, flex_mm, keep) = logits(&fx, &want, &device);
+        let (float_text, float_mm, _) = logits(&fx, &dequantized(want), &device);
         for (device_name, device) in test_devices() {
             let back = load(dir.path(), &device, None);
             let (text, mm, _) = logits(&fx, &back, &device);
             let what = format!("{scheme} folder on {device_name}");
-            assert_same_logits(&what, (&text, &mm), (&want_text, &want_mm), &keep);
+            let want = if float_activations(&device_name) {
+                (float_text.as_slice(), float_mm.as_slice())
+            } else {
+                (flex_text.as_slice(), flex_mm.as_slice())
+            };
+            assert_same_logits(&what, (&text, &mm), want, &keep);
         }
         // Asking for the scheme it has is fine; another one is refused.
         let device = phantom_model::device::device(Some("flex")).expect("flex");

@@ -19,6 +19,8 @@ pub mod dpbf16;
 pub mod gemm;
 pub mod quant;
 pub mod quant_rows;
+#[cfg(target_arch = "x86_64")]
+pub mod vnni;
 
 use burn::prelude::*;
 use burn::tensor::DType;

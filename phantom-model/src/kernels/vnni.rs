@@ -1,0 +1,402 @@
+//! Products of quantized weights ([`crate::quantize`], laid out `[k, n]` as
+//! [`super::quant`] reads them) with many activation rows, in integers, on processors with
+//! AVX512-VNNI (Intel Ice Lake and Sapphire Rapids on, AMD Zen 4 on): one `vpdpbusd`
+//! multiplies sixteen groups of four byte pairs and adds each group's sum into a 32-bit lane,
+//! four times the work of an f32 FMA on the same register width.
+//!
+//! The activations are quantized like the weights, per row and block of 32 inputs (scale
+//! `max|x| / 127`, codes rounded to the nearest, ties to even), as llama.cpp does for its Q8_0 and Q4_0
+//! products: a block's integer sum is exact, and only the activations' rounding (at most half
+//! a step of 1/127 of the block's largest value) separates the result from the product with
+//! the dequantized weights. `vpdpbusd` takes one operand unsigned, so the weight codes are
+//! shifted by 128 as they are packed and `128 · Σ x` is taken off each block's sum.
+//!
+//! Only on x86-64. Prompts and vision tiles run this product; a decode step's few rows stream the codes in
+//! [`super::quant::matvec`], which is bound by memory, not arithmetic.
+
+use crate::quantize::BLOCK;
+
+/// Rows of a micro tile: six rows by two registers of sums, in integers and in f32, fit in the
+/// 32 vector registers with the weights and a broadcast activation.
+const MR: usize = 6;
+/// Columns of a micro tile (two registers of sixteen lanes) and of a packed weight panel.
+const NR: usize = 32;
+/// Inputs of one `vpdpbusd` group.
+const GROUP: usize = 4;
+
+/// Whether this processor has the VNNI byte products (and the AVX-512 the kernels use with
+/// them), detected once.
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// Activation rows `[m, k]` quantized per block of 32 inputs.
+pub(crate) struct Activations {
+    /// One code per input, row-major `[m, k]`, in `−127..=127`.
+    pub codes: Vec<i8>,
+    /// Each block's scale, `[m, k / 32]` (NaN for a block holding a NaN).
+    pub scales: Vec<f32>,
+    /// Each block's `128 · Σ codes`, the weight codes' shift to take off.
+    pub offsets: Vec<i32>,
+}
+
+/// `x` (`[m, k]`, `k` a multiple of 32) quantized per row and block.
+pub(crate) fn quantize_activations(x: &[f32], m: usize, k: usize) -> Activations {
+    if available() {
+        // SAFETY: `available()` detected AVX-512.
+        unsafe { x86::quantize_activations(x, m, k) }
+    } else {
+        quantize_body(x, m, k)
+    }
+}
+
+/// [`quantize_activations`], compiled for the instruction set of its caller.
+#[inline(always)]
+fn quantize_body(x: &[f32], m: usize, k: usize) -> Activations {
+    debug_assert_eq!(x.len(), m * k);
+    let blocks = m * k / BLOCK;
+    let mut codes = vec![0i8; m * k];
+    let mut scales = Vec::with_capacity(blocks);
+    let mut offsets = Vec::with_capacity(blocks);
+    for (block, out) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
+        let block: &[f32; BLOCK] = block.try_into().expect("a whole block");
+        // Sixteen lanes at a time: the largest magnitude, and `Σ 0·x`, NaN when the block
+        // holds a NaN or an infinity.
+        let mut peak = [0f32; 16];
+        let mut poison = [0f32; 16];
+        for t in 0..16 {
+            let (a, b) = (block[t], block[t + 16]);
+            peak[t] = peak[t].max(a.abs()).max(b.abs());
+            poison[t] += a * 0.0 + b * 0.0;
+        }
+        let peak = peak.iter().fold(0f32, |p, &v| p.max(v));
+        let finite = poison.iter().sum::<f32>() == 0.0;
+        let (scale, inv) = if peak > 0.0 {
+            (peak / 127.0, 127.0 / peak)
+        } else {
+            (0.0, 0.0)
+        };
+        let mut sum = 0i32;
+        for (o, &v) in out.iter_mut().zip(block) {
+            // |v · inv| ≤ 127 (up to rounding): no clamp is needed.
+            let c = (v * inv).round_ties_even() as i32;
+            *o = c as i8;
+            sum += c;
+        }
+        scales.push(if finite { scale } else { f32::NAN });
+        offsets.push(128 * sum);
+    }
+    Activations {
+        codes,
+        scales,
+        offsets,
+    }
+}
+
+/// The weight codes `[k, n]` and scales `[k / 32, n]` of one panel of [`NR`] columns from
+/// `j0`, as the micro kernel reads them: groups of four consecutive inputs of each column
+/// side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), and the scales
+/// `[k / 32][NR]`. Columns past `n` get code 0 (byte 128) and scale 0.
+fn pack_panel(
+    codes: &[i8],
+    scales: &[f32],
+    k: usize,
+    n: usize,
+    j0: usize,
+    out: &mut [u8],
+    out_scales: &mut [f32],
+) {
+    let width = NR.min(n - j0);
+    if width == NR {
+        for g in 0..k / GROUP {
+            let rows: [&[i8]; GROUP] =
+                std::array::from_fn(|t| &codes[(g * GROUP + t) * n + j0..][..NR]);
+            // SAFETY: `available()` (checked by the only caller) detected AVX-512, which
+            // implies the SSE2 this uses; each row holds `NR` codes and the group 128 bytes.
+            unsafe { x86::interleave(rows, &mut out[g * GROUP * NR..][..GROUP * NR]) };
+        }
+    } else {
+        pack_panel_scalar(codes, k, n, j0, width, out);
+    }
+    for (b, s) in out_scales.chunks_exact_mut(NR).enumerate() {
+        s[..width].copy_from_slice(&scales[b * n + j0..b * n + j0 + width]);
+        s[width..].fill(0.0);
+    }
+}
+
+/// [`pack_panel`]'s codes one at a time, for a panel narrower than [`NR`].
+fn pack_panel_scalar(codes: &[i8], k: usize, n: usize, j0: usize, width: usize, out: &mut [u8]) {
+    for g in 0..k / GROUP {
+        for j in 0..NR {
+            for t in 0..GROUP {
+                let i = g * GROUP + t;
+                out[(g * NR + j) * GROUP + t] = if j < width {
+                    (codes[i * n + j0 + j] as u8) ^ 0x80
+                } else {
+                    0x80
+                };
+            }
+        }
+    }
+}
+
+/// `y = x · (c·s)` for `x` `[m, k]` (f32, row-major), codes `[k, n]` and scales `[k / 32, n]`
+/// (`k` a multiple of 32), with the activations quantized per block: `[m, n]`. `None` where
+/// the processor lacks the VNNI products.
+pub fn matmul(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[f32],
+    n: usize,
+) -> Option<Vec<f32>> {
+    debug_assert_eq!(codes.len(), k * n);
+    debug_assert_eq!(scales.len(), k * n / BLOCK);
+    debug_assert!(k.is_multiple_of(BLOCK));
+    if !available() {
+        return None;
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Some(vec![0.0; m * n]);
+    }
+    let activations = quantize_activations(x, m, k);
+    let panels = n.div_ceil(NR);
+    // Each panel's outputs `[m, NR]`, then placed in `[m, n]`.
+    let mut by_panel = vec![0.0f32; panels * m * NR];
+    super::for_each_chunk(&mut by_panel, m * NR, |p, out| {
+        let mut packed = vec![0u8; k * NR];
+        let mut packed_scales = vec![0.0f32; k / BLOCK * NR];
+        pack_panel(codes, scales, k, n, p * NR, &mut packed, &mut packed_scales);
+        let panel = (packed.as_slice(), packed_scales.as_slice());
+        for r0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - r0);
+            let tile = &mut out[r0 * NR..(r0 + rows) * NR];
+            // SAFETY: `available()` detected every feature the micro kernels enable.
+            unsafe {
+                match rows {
+                    1 => x86::micro::<1>(&activations, r0, k, panel, tile),
+                    2 => x86::micro::<2>(&activations, r0, k, panel, tile),
+                    3 => x86::micro::<3>(&activations, r0, k, panel, tile),
+                    4 => x86::micro::<4>(&activations, r0, k, panel, tile),
+                    5 => x86::micro::<5>(&activations, r0, k, panel, tile),
+                    _ => x86::micro::<MR>(&activations, r0, k, panel, tile),
+                }
+            }
+        }
+    });
+    let mut y = vec![0.0f32; m * n];
+    for (p, panel) in by_panel.chunks_exact(m * NR).enumerate() {
+        let j0 = p * NR;
+        let width = NR.min(n - j0);
+        for (row, tile) in y.chunks_exact_mut(n).zip(panel.chunks_exact(NR)) {
+            row[j0..j0 + width].copy_from_slice(&tile[..width]);
+        }
+    }
+    Some(y)
+}
+
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Activations, GROUP, NR};
+    use crate::quantize::BLOCK;
+
+    /// [`super::quantize_activations`] with AVX-512 (a rounding instruction, not a call).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_activations(x: &[f32], m: usize, k: usize) -> Activations {
+        super::quantize_body(x, m, k)
+    }
+
+    /// Four rows of [`NR`] codes interleaved into `out` (`[NR][4]`), each shifted by 128.
+    #[target_feature(enable = "sse2")]
+    pub(super) unsafe fn interleave(rows: [&[i8]; GROUP], out: &mut [u8]) {
+        debug_assert!(rows.iter().all(|r| r.len() >= NR) && out.len() >= GROUP * NR);
+        let shift = _mm_set1_epi8(i8::MIN);
+        for half in 0..NR / 16 {
+            // SAFETY: each row holds `NR` codes, 16 read at a time.
+            let [r0, r1, r2, r3] = rows.map(|r| unsafe {
+                _mm_xor_si128(_mm_loadu_si128(r.as_ptr().add(16 * half).cast()), shift)
+            });
+            let (lo01, hi01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (lo23, hi23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let quads = [
+                _mm_unpacklo_epi16(lo01, lo23),
+                _mm_unpackhi_epi16(lo01, lo23),
+                _mm_unpacklo_epi16(hi01, hi23),
+                _mm_unpackhi_epi16(hi01, hi23),
+            ];
+            for (q, v) in quads.into_iter().enumerate() {
+                // SAFETY: 16 bytes at `64·half + 16·q`, within the 128 of `out`.
+                unsafe { _mm_storeu_si128(out.as_mut_ptr().add(64 * half + 16 * q).cast(), v) };
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + R` of one panel's outputs into `out` (`[R, NR]`): per block of 32
+    /// inputs, eight `vpdpbusd` steps into integer sums, which are shifted back, converted and
+    /// added into the f32 sums weighted by both scales.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn micro<const R: usize>(
+        a: &Activations,
+        r0: usize,
+        k: usize,
+        (packed, scales): (&[u8], &[f32]),
+        out: &mut [f32],
+    ) {
+        debug_assert!(packed.len() >= k * NR && scales.len() >= k / BLOCK * NR);
+        debug_assert!(a.codes.len() >= (r0 + R) * k && out.len() >= R * NR);
+        let blocks = k / BLOCK;
+        let mut sums = [[_mm512_setzero_ps(); 2]; R];
+        for b in 0..blocks {
+            let mut dots = [[_mm512_setzero_si512(); 2]; R];
+            for g in b * BLOCK / GROUP..(b + 1) * BLOCK / GROUP {
+                // SAFETY: group `g` of the panel is 128 bytes at `g · 128`.
+                let (w0, w1) = unsafe {
+                    let p = packed.as_ptr().add(g * GROUP * NR);
+                    (
+                        _mm512_loadu_si512(p.cast()),
+                        _mm512_loadu_si512(p.add(64).cast()),
+                    )
+                };
+                for (r, dot) in dots.iter_mut().enumerate() {
+                    // SAFETY: four codes of row `r0 + r` at inputs `4g..4g + 4`.
+                    let x = unsafe {
+                        let p = a.codes.as_ptr().add((r0 + r) * k + g * GROUP);
+                        _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
+                    };
+                    dot[0] = _mm512_dpbusd_epi32(dot[0], w0, x);
+                    dot[1] = _mm512_dpbusd_epi32(dot[1], w1, x);
+                }
+            }
+            // SAFETY: block `b`'s scales are `NR` floats at `b · NR`.
+            let s = unsafe {
+                let p = scales.as_ptr().add(b * NR);
+                [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+            };
+            for (r, (sum, dot)) in sums.iter_mut().zip(&dots).enumerate() {
+                let at = (r0 + r) * blocks + b;
+                let x_scale = _mm512_set1_ps(a.scales[at]);
+                let offset = _mm512_set1_epi32(a.offsets[at]);
+                for v in 0..2 {
+                    let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[v], offset));
+                    sum[v] = _mm512_fmadd_ps(exact, _mm512_mul_ps(x_scale, s[v]), sum[v]);
+                }
+            }
+        }
+        for (r, sum) in sums.iter().enumerate() {
+            // SAFETY: row `r` of `out` holds `NR` floats.
+            unsafe {
+                let p = out.as_mut_ptr().add(r * NR);
+                _mm512_storeu_ps(p, sum[0]);
+                _mm512_storeu_ps(p.add(16), sum[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::{Quantization, dequantize_host, quantize_host};
+    use crate::testing::{values, worst, x_wt};
+
+    /// The product with both operands' codes and scales, in f64: what the integer products
+    /// must give up to the f32 rounding of the sums.
+    fn reference(
+        a: &Activations,
+        m: usize,
+        k: usize,
+        codes: &[i8],
+        scales: &[f32],
+        n: usize,
+    ) -> Vec<f32> {
+        let blocks = k / BLOCK;
+        let mut y = vec![0.0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let mut total = 0f64;
+                for b in 0..blocks {
+                    let dot: i64 = (b * BLOCK..(b + 1) * BLOCK)
+                        .map(|i| i64::from(a.codes[r * k + i]) * i64::from(codes[j * k + i]))
+                        .sum();
+                    total += dot as f64
+                        * f64::from(a.scales[r * blocks + b])
+                        * f64::from(scales[j * blocks + b]);
+                }
+                y[r * n + j] = total as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn integer_products_equal_the_products_of_both_codes() {
+        if !available() {
+            eprintln!("no AVX512-VNNI here: the integer products are not run");
+            return;
+        }
+        // Row tails of every micro tile, panel tails, one panel and many.
+        for (m, k, n) in [
+            (1, 32, 1),
+            (2, 64, 17),
+            (3, 96, 32),
+            (5, 128, 33),
+            (6, 64, 64),
+            (7, 160, 70),
+            (13, 896, 129),
+            (40, 224, 530),
+        ] {
+            let x = values(m * k, 11 + k as u64);
+            let w = values(n * k, 12 + n as u64);
+            for scheme in [Quantization::Q8, Quantization::Q4] {
+                let (codes, scales) = quantize_host(&w, k, scheme);
+                // The kernel reads the transposed layout, [k, n] codes and [k / 32, n] scales.
+                let blocks = k / BLOCK;
+                let codes_kn: Vec<i8> = (0..k * n).map(|e| codes[(e % n) * k + e / n]).collect();
+                let scales_kn: Vec<f32> = (0..blocks * n)
+                    .map(|e| scales[(e % n) * blocks + e / n])
+                    .collect();
+                let got = matmul(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
+                let a = quantize_activations(&x, m, k);
+                let exact = reference(&a, m, k, &codes, &scales, n);
+                let e = worst(&got, &exact);
+                assert!(
+                    e <= 1e-5 * (k as f32).sqrt(),
+                    "{scheme} {m}x{k}x{n}: off by {e}"
+                );
+                // Against the float activations: only their rounding to 1/127 of each
+                // block's largest value apart.
+                let float = x_wt(&x, m, k, &dequantize_host(&codes, &scales, k), n);
+                let e = worst(&got, &float);
+                assert!(
+                    e <= 0.02 * (k as f32).sqrt(),
+                    "{scheme} {m}x{k}x{n}: {e} from f32"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn activations_are_quantized_per_block_and_a_nan_is_kept() {
+        let mut x: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
+        x[40] = f32::NAN;
+        let a = quantize_activations(&x, 1, 64);
+        // Block 0 spans -20..=11: its largest magnitude maps to -127.
+        assert_eq!(a.codes[0], -127);
+        assert_eq!(a.scales[0], 20.0 / 127.0);
+        let sum: i32 = a.codes[..32].iter().map(|&c| i32::from(c)).sum();
+        assert_eq!(a.offsets[0], 128 * sum);
+        assert!(a.scales[1].is_nan());
+        if available() {
+            let codes = vec![1i8; 64 * 2];
+            let y = matmul(&x, 1, 64, &codes, &[1.0; 4], 2).expect("available");
+            assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
+        }
+    }
+}
