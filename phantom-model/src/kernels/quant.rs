@@ -22,33 +22,46 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// Adds one code row (`n` codes), widened to f32 [`TILE`] at a time, times `x[r]` into the
-/// rows `r0..r0 + R` of the block sums `acc` (`[m, n]`).
+/// Code rows added together: their products share one pass over the block sums (four
+/// streams a row of codes apart, which the prefetchers follow).
+const ROWS: usize = 4;
+
+/// Adds [`ROWS`] code rows (`n` codes each), widened to f32 [`TILE`] at a time, times the
+/// activations `x[r]` of their inputs into the rows `r0..r0 + R` of the block sums `acc`
+/// (`[m, n]`).
 #[inline(always)]
-fn add_row<const R: usize, const FMA: bool>(
-    x: [f32; R],
-    row: &[i8],
+fn add_rows<const R: usize, const FMA: bool>(
+    x: [[f32; ROWS]; R],
+    rows: [&[i8]; ROWS],
     acc: &mut [f32],
     n: usize,
     r0: usize,
 ) {
     let full = n / TILE * TILE;
     for t0 in (0..full).step_by(TILE) {
-        let c: &[i8; TILE] = row[t0..t0 + TILE].try_into().expect("a full tile");
-        let w: [f32; TILE] = std::array::from_fn(|t| f32::from(c[t]));
-        for (r, &xv) in x.iter().enumerate() {
+        let w: [[f32; TILE]; ROWS] = std::array::from_fn(|q| {
+            let c: &[i8; TILE] = rows[q][t0..t0 + TILE].try_into().expect("a full tile");
+            std::array::from_fn(|t| f32::from(c[t]))
+        });
+        for (r, xr) in x.iter().enumerate() {
             let a: &mut [f32; TILE] = (&mut acc[(r0 + r) * n + t0..(r0 + r) * n + t0 + TILE])
                 .try_into()
                 .expect("a full tile");
             for t in 0..TILE {
-                a[t] = madd::<FMA>(xv, w[t], a[t]);
+                let mut v = a[t];
+                for q in 0..ROWS {
+                    v = madd::<FMA>(xr[q], w[q][t], v);
+                }
+                a[t] = v;
             }
         }
     }
-    for (t, &c) in row.iter().enumerate().skip(full) {
-        for (r, &xv) in x.iter().enumerate() {
+    for t in full..n {
+        for (r, xr) in x.iter().enumerate() {
             let a = &mut acc[(r0 + r) * n + t];
-            *a = madd::<FMA>(xv, f32::from(c), *a);
+            for q in 0..ROWS {
+                *a = madd::<FMA>(xr[q], f32::from(rows[q][t]), *a);
+            }
         }
     }
 }
@@ -72,19 +85,21 @@ fn rows_body<const FMA: bool>(
     let mut acc = vec![0.0f32; m * n];
     for b0 in (i0..i1).step_by(BLOCK) {
         acc.fill(0.0);
-        for i in b0..b0 + BLOCK {
-            let row = &codes[i * n..(i + 1) * n];
-            let xv = |r: usize| x[r * k + i];
+        for i in (b0..b0 + BLOCK).step_by(ROWS) {
+            let rows: [&[i8]; ROWS] = std::array::from_fn(|q| &codes[(i + q) * n..(i + q + 1) * n]);
+            let xv = |r: usize| -> [f32; ROWS] { std::array::from_fn(|q| x[r * k + i + q]) };
             let mut r0 = 0;
             while r0 < m {
                 let take = (m - r0).min(4);
                 match take {
-                    1 => add_row::<1, FMA>([xv(r0)], row, &mut acc, n, r0),
-                    2 => add_row::<2, FMA>([xv(r0), xv(r0 + 1)], row, &mut acc, n, r0),
-                    3 => add_row::<3, FMA>([xv(r0), xv(r0 + 1), xv(r0 + 2)], row, &mut acc, n, r0),
-                    _ => add_row::<4, FMA>(
+                    1 => add_rows::<1, FMA>([xv(r0)], rows, &mut acc, n, r0),
+                    2 => add_rows::<2, FMA>([xv(r0), xv(r0 + 1)], rows, &mut acc, n, r0),
+                    3 => {
+                        add_rows::<3, FMA>([xv(r0), xv(r0 + 1), xv(r0 + 2)], rows, &mut acc, n, r0)
+                    }
+                    _ => add_rows::<4, FMA>(
                         [xv(r0), xv(r0 + 1), xv(r0 + 2), xv(r0 + 3)],
-                        row,
+                        rows,
                         &mut acc,
                         n,
                         r0,
