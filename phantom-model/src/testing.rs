@@ -40,3 +40,32 @@ pub fn worst(got: &[f32], want: &[f32]) -> f32 {
         }
     })
 }
+
+/// A deterministic `[n, k]` weight quantized as `scheme`: codes and scales in the checkpoint's
+/// order (`[n, k]`, `[n, k / 32]`), as the column kernels read them (`[k, n]`, `[k / 32, n]`),
+/// and dequantized (`[n, k]`).
+pub struct QuantizedWeight {
+    pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub codes_kn: Vec<i8>,
+    pub scales_kn: Vec<f32>,
+    pub dequantized: Vec<f32>,
+}
+
+/// [`QuantizedWeight`] of `n · k` values drawn from `seed`.
+pub fn quantized_weight(
+    n: usize,
+    k: usize,
+    seed: u64,
+    scheme: crate::quantize::Quantization,
+) -> QuantizedWeight {
+    use crate::quantize::{BLOCK, dequantize_host, quantize_host, transpose_into};
+    let (codes, scales) = quantize_host(&values(n * k, seed), k, scheme);
+    QuantizedWeight {
+        codes_kn: transpose_into(&codes, n, k, Vec::new()),
+        scales_kn: transpose_into(&scales, n, k / BLOCK, Vec::new()),
+        dequantized: dequantize_host(&codes, &scales, k),
+        codes,
+        scales,
+    }
+}

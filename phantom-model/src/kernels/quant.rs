@@ -13,8 +13,11 @@
 use super::dot::{Isa, MAX_ROWS, isa};
 use crate::quantize::BLOCK;
 
-/// Codes widened at a time: a few vector registers.
-const TILE: usize = 64;
+/// Codes of each of the [`ROWS`] rows widened at a time with AVX-512 (32 registers): the
+/// widened tile takes sixteen of them.
+const WIDE_TILE: usize = 64;
+/// [`WIDE_TILE`] for AVX2, WebAssembly and the portable code (16 registers).
+const NARROW_TILE: usize = 16;
 
 /// `a·b + c`, fused where the build has FMA.
 #[inline(always)]
@@ -26,11 +29,11 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// streams a row of codes apart, which the prefetchers follow).
 const ROWS: usize = 4;
 
-/// Adds [`ROWS`] code rows (`n` codes each), widened to f32 [`TILE`] at a time, times the
+/// Adds [`ROWS`] code rows (`n` codes each), widened to f32 `TILE` at a time, times the
 /// activations `x[r]` of their inputs into the rows `r0..r0 + R` of the block sums `acc`
 /// (`[m, n]`).
 #[inline(always)]
-fn add_rows<const R: usize, const FMA: bool>(
+fn add_rows<const R: usize, const FMA: bool, const TILE: usize>(
     x: [[f32; ROWS]; R],
     rows: [&[i8]; ROWS],
     acc: &mut [f32],
@@ -72,7 +75,7 @@ fn add_rows<const R: usize, const FMA: bool>(
 /// into `out` once per block.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_body<const FMA: bool>(
+fn rows_body<const FMA: bool, const TILE: usize>(
     x: &[f32],
     m: usize,
     k: usize,
@@ -92,12 +95,16 @@ fn rows_body<const FMA: bool>(
             while r0 < m {
                 let take = (m - r0).min(4);
                 match take {
-                    1 => add_rows::<1, FMA>([xv(r0)], rows, &mut acc, n, r0),
-                    2 => add_rows::<2, FMA>([xv(r0), xv(r0 + 1)], rows, &mut acc, n, r0),
-                    3 => {
-                        add_rows::<3, FMA>([xv(r0), xv(r0 + 1), xv(r0 + 2)], rows, &mut acc, n, r0)
-                    }
-                    _ => add_rows::<4, FMA>(
+                    1 => add_rows::<1, FMA, TILE>([xv(r0)], rows, &mut acc, n, r0),
+                    2 => add_rows::<2, FMA, TILE>([xv(r0), xv(r0 + 1)], rows, &mut acc, n, r0),
+                    3 => add_rows::<3, FMA, TILE>(
+                        [xv(r0), xv(r0 + 1), xv(r0 + 2)],
+                        rows,
+                        &mut acc,
+                        n,
+                        r0,
+                    ),
+                    _ => add_rows::<4, FMA, TILE>(
                         [xv(r0), xv(r0 + 1), xv(r0 + 2), xv(r0 + 3)],
                         rows,
                         &mut acc,
@@ -130,7 +137,7 @@ unsafe fn rows_avx512(
     range: (usize, usize),
     out: &mut [f32],
 ) {
-    rows_body::<true>(x, m, k, codes, scales, n, range, out);
+    rows_body::<true, WIDE_TILE>(x, m, k, codes, scales, n, range, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -146,7 +153,7 @@ unsafe fn rows_avx2(
     range: (usize, usize),
     out: &mut [f32],
 ) {
-    rows_body::<true>(x, m, k, codes, scales, n, range, out);
+    rows_body::<true, NARROW_TILE>(x, m, k, codes, scales, n, range, out);
 }
 
 /// One range of code rows on the best instruction set.
@@ -167,7 +174,7 @@ fn rows(
         Isa::Avx512 => unsafe { rows_avx512(x, m, k, codes, scales, n, range, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { rows_avx2(x, m, k, codes, scales, n, range, out) },
-        Isa::Portable => rows_body::<false>(x, m, k, codes, scales, n, range, out),
+        Isa::Portable => rows_body::<false, NARROW_TILE>(x, m, k, codes, scales, n, range, out),
     }
 }
 
@@ -284,8 +291,8 @@ pub fn quantizes_activations() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quantize::{Quantization, dequantize_host, quantize_host};
-    use crate::testing::{values, worst, x_wt as reference};
+    use crate::quantize::Quantization;
+    use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt as reference};
 
     #[test]
     fn quantized_products_equal_the_product_with_dequantized_weights() {
@@ -303,17 +310,14 @@ mod tests {
             (12, 96, 64),
         ] {
             let x = values(m * k, 1 + k as u64);
-            let w = values(n * k, 2 + n as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
-                let (codes, scales) = quantize_host(&w, k, scheme);
-                let dequantized = dequantize_host(&codes, &scales, k);
+                let QuantizedWeight {
+                    codes_kn,
+                    scales_kn,
+                    dequantized,
+                    ..
+                } = quantized_weight(n, k, 2 + n as u64, scheme);
                 let want = reference(&x, m, k, &dequantized, n);
-                // The kernels read the transposed layout, [k, n] codes and [k / 32, n] scales.
-                let blocks = k / BLOCK;
-                let codes_kn: Vec<i8> = (0..k * n).map(|e| codes[(e % n) * k + e / n]).collect();
-                let scales_kn: Vec<f32> = (0..blocks * n)
-                    .map(|e| scales[(e % n) * blocks + e / n])
-                    .collect();
                 let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
                 let float = if m <= MAX_ROWS {
                     matvec(&x, m, k, &codes_kn, &scales_kn, n)

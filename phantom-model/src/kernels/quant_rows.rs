@@ -196,7 +196,7 @@ pub fn gather(codes: &[i8], scales: &[f32], k: usize, ids: &[usize]) -> Option<V
 mod tests {
     use super::*;
     use crate::quantize::{Quantization, dequantize_host, quantize_host};
-    use crate::testing::{values, worst, x_wt};
+    use crate::testing::{quantized_weight, values, worst, x_wt};
 
     #[test]
     fn row_products_equal_the_product_with_dequantized_weights() {
@@ -213,12 +213,12 @@ mod tests {
             (40, 224, 530),
         ] {
             let x = values(m * k, 3 + k as u64);
-            let w = values(n * k, 4 + n as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
-                let (codes, scales) = quantize_host(&w, k, scheme);
-                let want = x_wt(&x, m, k, &dequantize_host(&codes, &scales, k), n);
+                let w = quantized_weight(n, k, 4 + n as u64, scheme);
+                let (codes, scales) = (&w.codes, &w.scales);
+                let want = x_wt(&x, m, k, &w.dequantized, n);
                 let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
-                let e = worst(&product(&x, m, k, &codes, &scales, n), &want);
+                let e = worst(&product(&x, m, k, codes, scales, n), &want);
                 assert!(e <= tol, "{scheme} {m}x{k}x{n}: off by {e}");
             }
         }

@@ -303,8 +303,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quantize::{Quantization, dequantize_host, quantize_host};
-    use crate::testing::{values, worst, x_wt};
+    use crate::quantize::Quantization;
+    use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt};
 
     /// The product with both operands' codes and scales, in f64: what the integer products
     /// must give up to the f32 rounding of the sums.
@@ -353,15 +353,14 @@ mod tests {
             (40, 224, 530),
         ] {
             let x = values(m * k, 11 + k as u64);
-            let w = values(n * k, 12 + n as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
-                let (codes, scales) = quantize_host(&w, k, scheme);
-                // The kernel reads the transposed layout, [k, n] codes and [k / 32, n] scales.
-                let blocks = k / BLOCK;
-                let codes_kn: Vec<i8> = (0..k * n).map(|e| codes[(e % n) * k + e / n]).collect();
-                let scales_kn: Vec<f32> = (0..blocks * n)
-                    .map(|e| scales[(e % n) * blocks + e / n])
-                    .collect();
+                let QuantizedWeight {
+                    codes,
+                    scales,
+                    codes_kn,
+                    scales_kn,
+                    dequantized,
+                } = quantized_weight(n, k, 12 + n as u64, scheme);
                 let got = matmul(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
                 let a = quantize_activations(&x, m, k);
                 let exact = reference(&a, m, k, &codes, &scales, n);
@@ -372,7 +371,7 @@ mod tests {
                 );
                 // Against the float activations: only their rounding to 1/127 of each
                 // block's largest value apart.
-                let float = x_wt(&x, m, k, &dequantize_host(&codes, &scales, k), n);
+                let float = x_wt(&x, m, k, &dequantized, n);
                 let e = worst(&got, &float);
                 assert!(
                     e <= 0.02 * (k as f32).sqrt(),
