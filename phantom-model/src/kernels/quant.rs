@@ -15,6 +15,7 @@ use crate::quantize::BLOCK;
 
 /// Codes of each of the [`ROWS`] rows widened at a time with AVX-512 (32 registers): the
 /// widened tile takes sixteen of them.
+#[cfg(target_arch = "x86_64")]
 const WIDE_TILE: usize = 64;
 /// [`WIDE_TILE`] for AVX2, WebAssembly and the portable code (16 registers).
 const NARROW_TILE: usize = 16;
