@@ -282,10 +282,7 @@ pub fn columns(
     k: usize,
     scheme: Quantization,
 ) -> TensorData {
-    assert!(
-        codes.len() == n * k && scales.len() * BLOCK == n * k,
-        "{n}x{k} codes with one scale per block of {BLOCK}"
-    );
+    check_lengths(codes, scales, n, k);
     // Room for the scales, which Burn appends to the codes' allocation: without it the
     // allocation would grow (to twice its size) and every code be copied once more.
     let room = Vec::with_capacity(n * k + n * (k / BLOCK) * size_of::<f32>() + 16);
@@ -307,18 +304,11 @@ pub fn rows(
     k: usize,
     scheme: Quantization,
 ) -> TensorData {
-    assert!(
-        codes.len() == n * k && scales.len() * BLOCK == n * k,
-        "{n}x{k} codes with one scale per block of {BLOCK}"
-    );
+    check_lengths(&codes, scales, n, k);
     let mut codes = codes;
     // Room for the scales, which Burn appends to the codes' allocation (see `columns`).
     codes.reserve_exact(size_of_val(scales) + 16);
-    let scheme = QuantScheme::default()
-        .with_value(scheme.value())
-        .with_store(QuantStore::Native)
-        .per_block([1, BLOCK as u8], ScaleDtype::F16);
-    TensorData::quantized(codes, [n, k], scheme, scales, None)
+    TensorData::quantized(codes, [n, k], blocks_of(scheme, [1, BLOCK]), scales, None)
 }
 
 /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, written into `out`
@@ -341,10 +331,24 @@ pub(crate) fn transpose_into<T: Copy + Default>(
 
 /// Burn's scheme of a weight laid out `[k, n]` with blocks of 32 down each column.
 pub fn column_scheme(scheme: Quantization) -> QuantScheme {
+    blocks_of(scheme, [BLOCK, 1])
+}
+
+/// Burn's scheme of `scheme`'s codes, one byte each, in blocks of shape `block`.
+fn blocks_of(scheme: Quantization, block: [usize; 2]) -> QuantScheme {
     QuantScheme::default()
         .with_value(scheme.value())
         .with_store(QuantStore::Native)
-        .per_block([BLOCK as u8, 1], ScaleDtype::F16)
+        .per_block(block.map(|b| b as u8), ScaleDtype::F16)
+}
+
+/// # Panics
+/// Unless there are `n·k` codes and `n·k/32` scales.
+fn check_lengths(codes: &[i8], scales: &[f32], n: usize, k: usize) {
+    assert!(
+        codes.len() == n * k && scales.len() * BLOCK == n * k,
+        "{n}x{k} codes with one scale per block of {BLOCK}"
+    );
 }
 
 /// `c · s` for codes of a row-major `[out, in]` matrix and their block scales.

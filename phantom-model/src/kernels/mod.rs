@@ -246,39 +246,39 @@ fn quantized_codes(w: &Tensor<2>) -> Option<(burn_flex::FlexQTensor, Blocks)> {
 /// flex device, with blocks of 32 inputs down each column ([`crate::quantize::columns`]);
 /// `[m, n]` in `x`'s dtype. `None` for any other device, layout or scheme.
 pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
-    if !is_flex(&x.device()) {
-        return None;
-    }
-    let [m, k] = x.dims();
-    let [k_w, n] = w_kn.dims();
-    let (q, blocks) = quantized_codes(w_kn)?;
-    if k != k_w || blocks != Blocks::DownColumns {
-        return None;
-    }
-    let codes = contiguous_values::<i8>(q.tensor())?;
-    let out_dtype = x.dtype();
-    let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
-    let y = quant::product(&xs, m, k, codes, q.scales(), n);
-    Some(flex_tensor(y, [m, n], out_dtype))
+    quantized_product(x, w_kn, Blocks::DownColumns)
 }
 
 /// `x · tᵀ` for `x` `[m, k]` and a quantized table `t_nk` `[n, k]` with blocks along its rows
 /// ([`crate::quantize::rows`]): the logits of a head tied to a quantized embedding, `[m, n]`
 /// in `x`'s dtype. `None` for any other device, layout or scheme.
 pub fn quantized_table_product(x: &Tensor<2>, t_nk: &Tensor<2>) -> Option<Tensor<2>> {
+    quantized_product(x, t_nk, Blocks::AlongRows)
+}
+
+/// The product of `x` `[m, k]` with the quantized flex tensor `w` laid out as `blocks` says
+/// (`[k, n]` down columns, `[n, k]` along rows), by that layout's kernels.
+fn quantized_product(x: &Tensor<2>, w: &Tensor<2>, blocks: Blocks) -> Option<Tensor<2>> {
     if !is_flex(&x.device()) {
         return None;
     }
     let [m, k] = x.dims();
-    let [n, k_t] = t_nk.dims();
-    let (q, blocks) = quantized_codes(t_nk)?;
-    if k != k_t || blocks != Blocks::AlongRows {
+    let (q, stored) = quantized_codes(w)?;
+    let [rows, cols] = w.dims();
+    let (k_w, n) = match blocks {
+        Blocks::DownColumns => (rows, cols),
+        Blocks::AlongRows => (cols, rows),
+    };
+    if k != k_w || stored != blocks {
         return None;
     }
     let codes = contiguous_values::<i8>(q.tensor())?;
     let out_dtype = x.dtype();
     let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
-    let y = quant_rows::product(&xs, m, k, codes, q.scales(), n);
+    let y = match blocks {
+        Blocks::DownColumns => quant::product(&xs, m, k, codes, q.scales(), n),
+        Blocks::AlongRows => quant_rows::product(&xs, m, k, codes, q.scales(), n),
+    };
     Some(flex_tensor(y, [m, n], out_dtype))
 }
 
