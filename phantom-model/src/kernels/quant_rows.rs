@@ -112,9 +112,6 @@ unsafe fn rows_avx2(
     rows_body::<true>(x, m, k, codes, scales, j0, out);
 }
 
-/// Output rows per task: a few per core and thread, so that the cores finish together.
-const TASKS_PER_THREAD: usize = 4;
-
 /// `y = x · (c·s)ᵀ` for `x` `[m, k]` (f32, row-major), codes `[n, k]` and scales `[n, k / 32]`:
 /// `y` is `[m, n]`. `k` must be a multiple of 32. Each code row is read once, whatever `m`.
 pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
@@ -125,7 +122,7 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
-    let per_task = n.div_ceil(super::threads() * TASKS_PER_THREAD).max(16);
+    let per_task = super::dot::rows_per_task(n, k);
     // Each task's outputs `[rows, m]`, transposed to `[m, n]` at the end.
     let mut by_row = vec![0.0f32; n * m];
     super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
@@ -139,10 +136,7 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
             Isa::Portable => rows_body::<false>(x, m, k, codes, scales, j0, out),
         }
     });
-    if m == 1 {
-        return by_row;
-    }
-    crate::quantize::transpose_into(&by_row, n, m, Vec::new())
+    super::dot::row_major(by_row, m, n)
 }
 
 /// [`matvec`] up to [`MAX_ROWS`] rows; beyond, panels of rows dequantized for the GEMM.
