@@ -45,25 +45,58 @@ pub(crate) struct Activations {
     pub offsets: Vec<i32>,
 }
 
-/// `x` (`[m, k]`, `k` a multiple of 32) quantized per row and block.
+/// `x` (`[m, k]`, `k` a multiple of 32) quantized per row and block, stretches of rows on
+/// every core.
 pub(crate) fn quantize_activations(x: &[f32], m: usize, k: usize) -> Activations {
+    debug_assert_eq!(x.len(), m * k);
+    let mut a = Activations {
+        codes: vec![0i8; m * k],
+        scales: vec![0.0; m * k / BLOCK],
+        offsets: vec![0; m * k / BLOCK],
+    };
+    let rows = m.div_ceil(super::threads() * 4).max(1);
+    let (values, blocks) = (rows * k, rows * k / BLOCK);
+    let task = |((x, codes), (scales, offsets))| quantize_rows(x, codes, scales, offsets);
+    #[cfg(feature = "threads")]
+    {
+        use rayon::prelude::*;
+        x.par_chunks(values)
+            .zip(a.codes.par_chunks_mut(values))
+            .zip(
+                a.scales
+                    .par_chunks_mut(blocks)
+                    .zip(a.offsets.par_chunks_mut(blocks)),
+            )
+            .for_each(task);
+    }
+    #[cfg(not(feature = "threads"))]
+    x.chunks(values)
+        .zip(a.codes.chunks_mut(values))
+        .zip(
+            a.scales
+                .chunks_mut(blocks)
+                .zip(a.offsets.chunks_mut(blocks)),
+        )
+        .for_each(task);
+    a
+}
+
+/// [`quantize_blocks`] on the best instruction set.
+fn quantize_rows(x: &[f32], codes: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
     if available() {
         // SAFETY: `available()` detected AVX-512.
-        unsafe { x86::quantize_activations(x, m, k) }
+        unsafe { x86::quantize_blocks(x, codes, scales, offsets) }
     } else {
-        quantize_body(x, m, k)
+        quantize_blocks(x, codes, scales, offsets)
     }
 }
 
-/// [`quantize_activations`], compiled for the instruction set of its caller.
+/// The blocks of `x` quantized into `codes`, `scales` and `offsets` (one per block), compiled
+/// for the instruction set of its caller.
 #[inline(always)]
-fn quantize_body(x: &[f32], m: usize, k: usize) -> Activations {
-    debug_assert_eq!(x.len(), m * k);
-    let blocks = m * k / BLOCK;
-    let mut codes = vec![0i8; m * k];
-    let mut scales = Vec::with_capacity(blocks);
-    let mut offsets = Vec::with_capacity(blocks);
-    for (block, out) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
+fn quantize_blocks(x: &[f32], codes: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
+    let blocks = x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK));
+    for ((block, out), (scale_out, offset_out)) in blocks.zip(scales.iter_mut().zip(offsets)) {
         let block: &[f32; BLOCK] = block.try_into().expect("a whole block");
         // Sixteen lanes at a time: the largest magnitude, and `Σ 0·x`, NaN when the block
         // holds a NaN or an infinity.
@@ -83,18 +116,17 @@ fn quantize_body(x: &[f32], m: usize, k: usize) -> Activations {
         };
         let mut sum = 0i32;
         for (o, &v) in out.iter_mut().zip(block) {
-            // |v · inv| ≤ 127 (up to rounding): no clamp is needed.
-            let c = (v * inv).round_ties_even() as i32;
+            // Within ±127 already but for rounding; `max` and `min` also map a NaN (a block
+            // marked by its scale) into range, which `clamp` would keep.
+            #[allow(clippy::manual_clamp)]
+            let c = (v * inv).round_ties_even().max(-127.0).min(127.0);
+            // SAFETY: `c` is finite and within ±127, which an i32 holds.
+            let c = unsafe { c.to_int_unchecked::<i32>() };
             *o = c as i8;
             sum += c;
         }
-        scales.push(if finite { scale } else { f32::NAN });
-        offsets.push(128 * sum);
-    }
-    Activations {
-        codes,
-        scales,
-        offsets,
+        *scale_out = if finite { scale } else { f32::NAN };
+        *offset_out = 128 * sum;
     }
 }
 
@@ -207,10 +239,15 @@ mod x86 {
     use super::{Activations, GROUP, NR};
     use crate::quantize::BLOCK;
 
-    /// [`super::quantize_activations`] with AVX-512 (a rounding instruction, not a call).
+    /// [`super::quantize_blocks`] with AVX-512 (a rounding instruction, not a call).
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_activations(x: &[f32], m: usize, k: usize) -> Activations {
-        super::quantize_body(x, m, k)
+    pub(super) unsafe fn quantize_blocks(
+        x: &[f32],
+        codes: &mut [i8],
+        scales: &mut [f32],
+        offsets: &mut [i32],
+    ) {
+        super::quantize_blocks(x, codes, scales, offsets)
     }
 
     /// Four rows of [`NR`] codes interleaved into `out` (`[NR][4]`), each shifted by 128.
