@@ -186,6 +186,20 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(codes.len(), n * k);
     debug_assert_eq!(scales.len(), n * k / BLOCK);
+    by_code_rows(m, k, n, |range, out| {
+        rows(x, m, k, codes, scales, n, range, out)
+    })
+}
+
+/// `[m, n]` outputs of a product with codes `[k, n]` (`k` a multiple of 32), one contiguous
+/// stretch of whole blocks of code rows per core: `rows((i0, i1), out)` adds the products of
+/// code rows `i0..i1` into `out` (`[m, n]`, zeroed), and the cores' partial outputs are added.
+pub(super) fn by_code_rows(
+    m: usize,
+    k: usize,
+    n: usize,
+    rows: impl Fn((usize, usize), &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
     debug_assert!(k.is_multiple_of(BLOCK));
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
@@ -199,8 +213,7 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     let tasks = k.div_ceil(per_task);
     let mut partial = vec![0.0f32; tasks * m * n];
     super::for_each_chunk(&mut partial, m * n, |p, out| {
-        let range = (p * per_task, ((p + 1) * per_task).min(k));
-        rows(x, m, k, codes, scales, n, range, out);
+        rows((p * per_task, ((p + 1) * per_task).min(k)), out);
     });
     let mut parts = partial.chunks_exact(m * n);
     let mut y = parts.next().map(<[f32]>::to_vec).unwrap_or_default();
@@ -262,22 +275,29 @@ pub(super) fn by_panels(
     y
 }
 
-/// [`matvec`] up to [`MAX_ROWS`] rows; beyond, the integer products of
-/// [`super::vnni`] where the processor has them (activations quantized per block), else
-/// [`matmul`].
+/// The integer products of [`super::vnni`] where the processor has them (activations
+/// quantized per block); else [`matvec`] up to [`MAX_ROWS`] rows and [`matmul`] beyond.
 pub fn product(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
-    if m <= MAX_ROWS {
-        return matvec(x, m, k, codes, scales, n);
-    }
     #[cfg(target_arch = "x86_64")]
-    if let Some(y) = super::vnni::matmul(x, m, k, codes, scales, n) {
-        return y;
+    {
+        let integer = if m <= MAX_ROWS {
+            super::vnni::matvec(x, m, k, codes, scales, n)
+        } else {
+            super::vnni::matmul(x, m, k, codes, scales, n)
+        };
+        if let Some(y) = integer {
+            return y;
+        }
     }
-    matmul(x, m, k, codes, scales, n)
+    if m <= MAX_ROWS {
+        matvec(x, m, k, codes, scales, n)
+    } else {
+        matmul(x, m, k, codes, scales, n)
+    }
 }
 
-/// Whether products of quantized weights with more than [`MAX_ROWS`] rows quantize their
-/// activations per block ([`super::vnni`]) on this processor.
+/// Whether products of quantized weights quantize their activations per block
+/// ([`super::vnni`]) on this processor.
 pub fn quantizes_activations() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -327,10 +347,9 @@ mod tests {
                 };
                 let e = worst(&float, &want);
                 assert!(e <= tol, "{scheme} {m}x{k}x{n}: off by {e}");
-                // What the model runs: beyond a few rows, the activations may be quantized
-                // too (`vnni.rs` checks those products exactly).
+                // What the model runs: the activations may be quantized too (`vnni.rs` checks those products exactly).
                 let e = worst(&product(&x, m, k, &codes_kn, &scales_kn, n), &want);
-                let tol = if m > MAX_ROWS && quantizes_activations() {
+                let tol = if quantizes_activations() {
                     0.02 * (k as f32).sqrt()
                 } else {
                     tol

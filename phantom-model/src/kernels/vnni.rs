@@ -11,8 +11,11 @@
 //! the dequantized weights. `vpdpbusd` takes one operand unsigned, so the weight codes are
 //! shifted by 128 as they are packed and `128 · Σ x` is taken off each block's sum.
 //!
-//! Only on x86-64. Prompts and vision tiles run this product; a decode step's few rows stream the codes in
-//! [`super::quant::matvec`], which is bound by memory, not arithmetic.
+//! Only on x86-64. Prompts and vision tiles ([`matmul`]) pack a panel of weight codes at a
+//! time for a register-blocked micro kernel; a decode step's few rows ([`matvec`]) stream the
+//! codes once in memory order, as [`super::quant::matvec`] does, and interleave each pass's
+//! rows in registers: a few shuffles per 64 bytes where the float kernel widens every code to
+//! f32 before its FMA.
 
 use crate::quantize::BLOCK;
 
@@ -233,10 +236,44 @@ pub fn matmul(
     Some(y)
 }
 
+/// Code rows of one pass of [`matvec`] over its block sums: two `vpdpbusd` groups, eight
+/// streams a row of codes apart.
+const PASS: usize = 2 * GROUP;
+/// Columns of one step of [`matvec`]: 64 codes of each row, one register.
+const TILE: usize = 64;
+
+/// `y = x · (c·s)` like [`matmul`], for the few activation rows of a decode step
+/// ([`super::dot::MAX_ROWS`] or fewer; any count works): the code rows are split between the
+/// cores as [`super::quant::matvec`] splits them, each pass interleaves eight rows of 64 codes
+/// in registers and adds their products into integer block sums `[m, n]` that stay in cache,
+/// and each block's sums are weighted by both scales into the outputs once. `None` where the
+/// processor lacks the VNNI products.
+pub fn matvec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[f32],
+    n: usize,
+) -> Option<Vec<f32>> {
+    debug_assert_eq!(codes.len(), k * n);
+    debug_assert_eq!(scales.len(), k * n / BLOCK);
+    if !available() {
+        return None;
+    }
+    let activations = quantize_activations(x, m, k);
+    Some(super::quant::by_code_rows(m, k, n, |range, out| {
+        // SAFETY: `available()` detected every feature the kernel enables.
+        unsafe { x86::code_rows(&activations, m, k, (codes, scales, n), range, out) }
+    }))
+}
+
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, GROUP, NR};
+    use super::{Activations, GROUP, NR, PASS, TILE};
+    const PREFETCH: i32 = _MM_HINT_T1;
+    const AHEAD: usize = 2;
     use crate::quantize::BLOCK;
 
     /// [`super::quantize_blocks`] with AVX-512 (a rounding instruction, not a call).
@@ -271,6 +308,142 @@ mod x86 {
             for (q, v) in quads.into_iter().enumerate() {
                 // SAFETY: 16 bytes at `64·half + 16·q`, within the 128 of `out`.
                 unsafe { _mm_storeu_si128(out.as_mut_ptr().add(64 * half + 16 * q).cast(), v) };
+            }
+        }
+    }
+
+    /// Rows `[r0, r1, r2, r3]` of 64 codes each (shifted by 128) interleaved as `vpdpbusd`
+    /// reads them: register `q` holds, in its 128-bit lane `l`, columns `16l + 4q ..+ 4`, each
+    /// as the four rows' bytes.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn interleave_tile([r0, r1, r2, r3]: [__m512i; GROUP]) -> [__m512i; 4] {
+        let (lo01, hi01) = (_mm512_unpacklo_epi8(r0, r1), _mm512_unpackhi_epi8(r0, r1));
+        let (lo23, hi23) = (_mm512_unpacklo_epi8(r2, r3), _mm512_unpackhi_epi8(r2, r3));
+        [
+            _mm512_unpacklo_epi16(lo01, lo23),
+            _mm512_unpackhi_epi16(lo01, lo23),
+            _mm512_unpacklo_epi16(hi01, hi23),
+            _mm512_unpackhi_epi16(hi01, hi23),
+        ]
+    }
+
+    /// Sums in [`interleave_tile`]'s column order back in column order: a 4×4 transpose of
+    /// 128-bit lanes (register `q`, lane `l` becomes register `l`, lane `q`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn columns_in_order([v0, v1, v2, v3]: [__m512; 4]) -> [__m512; 4] {
+        let t0 = _mm512_shuffle_f32x4::<0x44>(v0, v1);
+        let t1 = _mm512_shuffle_f32x4::<0xEE>(v0, v1);
+        let t2 = _mm512_shuffle_f32x4::<0x44>(v2, v3);
+        let t3 = _mm512_shuffle_f32x4::<0xEE>(v2, v3);
+        [
+            _mm512_shuffle_f32x4::<0x88>(t0, t2),
+            _mm512_shuffle_f32x4::<0xDD>(t0, t2),
+            _mm512_shuffle_f32x4::<0x88>(t1, t3),
+            _mm512_shuffle_f32x4::<0xDD>(t1, t3),
+        ]
+    }
+
+    /// Adds the products of code rows `i0..i1` (whole blocks) of the weight `(codes, scales,
+    /// n)` with the quantized activations `a` (`m` rows) into `out` (`[m, n]`). Per block, the
+    /// integer sums `[m, n]` start at minus each row's shift offset; each pass adds eight code
+    /// rows, 64 columns at a time interleaved in registers (columns past the last whole tile one
+    /// at a time, in order); then the sums are weighted by both scales into `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn code_rows(
+        a: &Activations,
+        m: usize,
+        k: usize,
+        (codes, scales, n): (&[i8], &[f32], usize),
+        (i0, i1): (usize, usize),
+        out: &mut [f32],
+    ) {
+        debug_assert!(codes.len() >= k * n && scales.len() >= k / BLOCK * n);
+        debug_assert!(a.codes.len() >= m * k && out.len() >= m * n && i1 <= k);
+        let blocks = k / BLOCK;
+        let full = n / TILE * TILE;
+        let shift = _mm512_set1_epi8(i8::MIN);
+        let mut sums = vec![0i32; m * n];
+        for b0 in (i0..i1).step_by(BLOCK) {
+            let b = b0 / BLOCK;
+            for (r, row) in sums.chunks_exact_mut(n).enumerate() {
+                row.fill(-a.offsets[r * blocks + b]);
+            }
+            for i in (b0..b0 + BLOCK).step_by(PASS) {
+                for t0 in (0..full).step_by(TILE) {
+                    // SAFETY: code rows `i..i + 8` hold `n ≥ t0 + 64` codes each.
+                    let row = |q: usize| unsafe {
+                        let p = codes.as_ptr().add((i + q) * n + t0);
+                        _mm512_xor_si512(_mm512_loadu_si512(p.cast()), shift)
+                    };
+                    // The next pass's rows, a pass ahead of their loads.
+                    if i + AHEAD * PASS < i1 {
+                        for q in 0..PASS {
+                            // SAFETY: a prefetch reads nothing; the address lies in `codes`.
+                            unsafe {
+                                let p = codes.as_ptr().add((i + AHEAD * PASS + q) * n + t0);
+                                _mm_prefetch::<PREFETCH>(p.cast());
+                            }
+                        }
+                    }
+                    let w: [[__m512i; 4]; PASS / GROUP] = std::array::from_fn(|h| {
+                        let g = GROUP * h;
+                        interleave_tile([row(g), row(g + 1), row(g + 2), row(g + 3)])
+                    });
+                    for r in 0..m {
+                        // SAFETY: row `r`'s activation codes `i..i + 8` and its sums
+                        // `t0..t0 + 64` lie within their buffers.
+                        unsafe {
+                            let x = a.codes.as_ptr().add(r * k + i).cast::<i32>();
+                            let xs: [__m512i; PASS / GROUP] = std::array::from_fn(|h| {
+                                _mm512_set1_epi32(x.add(h).read_unaligned())
+                            });
+                            let s = sums.as_mut_ptr().add(r * n + t0);
+                            for q in 0..4 {
+                                let mut v = _mm512_loadu_si512(s.add(16 * q).cast());
+                                for h in 0..PASS / GROUP {
+                                    v = _mm512_dpbusd_epi32(v, w[h][q], xs[h]);
+                                }
+                                _mm512_storeu_si512(s.add(16 * q).cast(), v);
+                            }
+                        }
+                    }
+                }
+                for j in full..n {
+                    let column: [i32; PASS] =
+                        std::array::from_fn(|q| i32::from((codes[(i + q) * n + j] as u8) ^ 0x80));
+                    for r in 0..m {
+                        let x = &a.codes[r * k + i..r * k + i + PASS];
+                        let dot: i32 = x.iter().zip(&column).map(|(&x, &c)| i32::from(x) * c).sum();
+                        sums[r * n + j] += dot;
+                    }
+                }
+            }
+            let s = &scales[b * n..(b + 1) * n];
+            for r in 0..m {
+                let x_scale = a.scales[r * blocks + b];
+                let (row, sums) = (&mut out[r * n..(r + 1) * n], &sums[r * n..(r + 1) * n]);
+                for t0 in (0..full).step_by(TILE) {
+                    // SAFETY: 64 sums, scales and outputs from `t0` lie within the rows.
+                    unsafe {
+                        let sum = |q: usize| {
+                            _mm512_cvtepi32_ps(_mm512_loadu_si512(
+                                sums.as_ptr().add(t0 + 16 * q).cast(),
+                            ))
+                        };
+                        let v = columns_in_order([sum(0), sum(1), sum(2), sum(3)]);
+                        for (q, v) in v.into_iter().enumerate() {
+                            let o = row.as_mut_ptr().add(t0 + 16 * q);
+                            let w = _mm512_loadu_ps(s.as_ptr().add(t0 + 16 * q));
+                            let scale = _mm512_mul_ps(_mm512_set1_ps(x_scale), w);
+                            _mm512_storeu_ps(o, _mm512_fmadd_ps(v, scale, _mm512_loadu_ps(o)));
+                        }
+                    }
+                }
+                for j in full..n {
+                    row[j] = (sums[j] as f32).mul_add(x_scale * s[j], row[j]);
+                }
             }
         }
     }
@@ -388,6 +561,9 @@ mod tests {
             (7, 160, 70),
             (13, 896, 129),
             (40, 224, 530),
+            (1, 896, 4864),
+            (8, 256, 192),
+            (1, 64, 200),
         ] {
             let x = values(m * k, 11 + k as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
@@ -398,22 +574,20 @@ mod tests {
                     scales_kn,
                     dequantized,
                 } = quantized_weight(n, k, 12 + n as u64, scheme);
-                let got = matmul(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
                 let a = quantize_activations(&x, m, k);
                 let exact = reference(&a, m, k, &codes, &scales, n);
-                let e = worst(&got, &exact);
-                assert!(
-                    e <= 1e-5 * (k as f32).sqrt(),
-                    "{scheme} {m}x{k}x{n}: off by {e}"
-                );
-                // Against the float activations: only their rounding to 1/127 of each
-                // block's largest value apart.
                 let float = x_wt(&x, m, k, &dequantized, n);
-                let e = worst(&got, &float);
-                assert!(
-                    e <= 0.02 * (k as f32).sqrt(),
-                    "{scheme} {m}x{k}x{n}: {e} from f32"
-                );
+                let prompt = matmul(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
+                let decode = matvec(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
+                for (kernel, got) in [("matmul", prompt), ("matvec", decode)] {
+                    let what = format!("{kernel} {scheme} {m}x{k}x{n}");
+                    let e = worst(&got, &exact);
+                    assert!(e <= 1e-5 * (k as f32).sqrt(), "{what}: off by {e}");
+                    // Against the float activations: only their rounding to 1/127 of each
+                    // block's largest value apart.
+                    let e = worst(&got, &float);
+                    assert!(e <= 0.02 * (k as f32).sqrt(), "{what}: {e} from f32");
+                }
             }
         }
     }
@@ -430,9 +604,14 @@ mod tests {
         assert_eq!(a.offsets[0], 128 * sum);
         assert!(a.scales[1].is_nan());
         if available() {
-            let codes = vec![1i8; 64 * 2];
-            let y = matmul(&x, 1, 64, &codes, &[1.0; 4], 2).expect("available");
-            assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
+            for n in [2, 64] {
+                let codes = vec![1i8; 64 * n];
+                let scales = vec![1.0; 2 * n];
+                let y = matmul(&x, 1, 64, &codes, &scales, n).expect("available");
+                assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
+                let y = matvec(&x, 1, 64, &codes, &scales, n).expect("available");
+                assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
+            }
         }
     }
 }
