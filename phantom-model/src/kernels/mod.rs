@@ -13,6 +13,7 @@
 //! products must be recorded) and answers `None` for anything else, so callers fall back to
 //! Burn's matmul.
 
+pub mod activations;
 pub mod attend;
 pub mod dot;
 pub mod dpbf16;

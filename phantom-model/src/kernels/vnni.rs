@@ -4,11 +4,9 @@
 //! multiplies sixteen groups of four byte pairs and adds each group's sum into a 32-bit lane,
 //! four times the work of an f32 FMA on the same register width.
 //!
-//! The activations are quantized like the weights, per row and block of 32 inputs (scale
-//! `max|x| / 127`, codes rounded to the nearest, ties to even), as llama.cpp does for its Q8_0 and Q4_0
-//! products: a block's integer sum is exact, and only the activations' rounding (at most half
-//! a step of 1/127 of the block's largest value) separates the result from the product with
-//! the dequantized weights. `vpdpbusd` takes one operand unsigned, so the weight codes are
+//! The activations are quantized like the weights ([`super::activations`]): a block's integer
+//! sum is exact, and only the activations' rounding (at most half a step of 1/127 of the
+//! block's largest value) separates the result from the product with the dequantized weights. `vpdpbusd` takes one operand unsigned, so the weight codes are
 //! shifted by 128 as they are packed and `128 · Σ x` is taken off each block's sum.
 //!
 //! Only on x86-64. Prompts and vision tiles ([`matmul`]) pack a panel of weight codes at a
@@ -17,6 +15,7 @@
 //! rows in registers: a few shuffles per 64 bytes where the float kernel widens every code to
 //! f32 before its FMA.
 
+use super::activations::quantize_activations;
 use crate::quantize::BLOCK;
 
 /// Rows of a micro tile: six rows by two registers of sums, in integers and in f32, fit in the
@@ -36,101 +35,6 @@ pub fn available() -> bool {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     })
-}
-
-/// Activation rows `[m, k]` quantized per block of 32 inputs.
-pub(crate) struct Activations {
-    /// One code per input, row-major `[m, k]`, in `−127..=127`.
-    pub codes: Vec<i8>,
-    /// Each block's scale, `[m, k / 32]` (NaN for a block holding a NaN).
-    pub scales: Vec<f32>,
-    /// Each block's `128 · Σ codes`, the weight codes' shift to take off.
-    pub offsets: Vec<i32>,
-}
-
-/// `x` (`[m, k]`, `k` a multiple of 32) quantized per row and block, stretches of rows on
-/// every core.
-pub(crate) fn quantize_activations(x: &[f32], m: usize, k: usize) -> Activations {
-    debug_assert_eq!(x.len(), m * k);
-    let mut a = Activations {
-        codes: vec![0i8; m * k],
-        scales: vec![0.0; m * k / BLOCK],
-        offsets: vec![0; m * k / BLOCK],
-    };
-    let rows = m.div_ceil(super::threads() * 4).max(1);
-    let (values, blocks) = (rows * k, rows * k / BLOCK);
-    let task = |((x, codes), (scales, offsets))| quantize_rows(x, codes, scales, offsets);
-    #[cfg(feature = "threads")]
-    {
-        use rayon::prelude::*;
-        x.par_chunks(values)
-            .zip(a.codes.par_chunks_mut(values))
-            .zip(
-                a.scales
-                    .par_chunks_mut(blocks)
-                    .zip(a.offsets.par_chunks_mut(blocks)),
-            )
-            .for_each(task);
-    }
-    #[cfg(not(feature = "threads"))]
-    x.chunks(values)
-        .zip(a.codes.chunks_mut(values))
-        .zip(
-            a.scales
-                .chunks_mut(blocks)
-                .zip(a.offsets.chunks_mut(blocks)),
-        )
-        .for_each(task);
-    a
-}
-
-/// [`quantize_blocks`] on the best instruction set.
-fn quantize_rows(x: &[f32], codes: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
-    if available() {
-        // SAFETY: `available()` detected AVX-512.
-        unsafe { x86::quantize_blocks(x, codes, scales, offsets) }
-    } else {
-        quantize_blocks(x, codes, scales, offsets)
-    }
-}
-
-/// The blocks of `x` quantized into `codes`, `scales` and `offsets` (one per block), compiled
-/// for the instruction set of its caller.
-#[inline(always)]
-fn quantize_blocks(x: &[f32], codes: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
-    let blocks = x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK));
-    for ((block, out), (scale_out, offset_out)) in blocks.zip(scales.iter_mut().zip(offsets)) {
-        let block: &[f32; BLOCK] = block.try_into().expect("a whole block");
-        // Sixteen lanes at a time: the largest magnitude, and `Σ 0·x`, NaN when the block
-        // holds a NaN or an infinity.
-        let mut peak = [0f32; 16];
-        let mut poison = [0f32; 16];
-        for t in 0..16 {
-            let (a, b) = (block[t], block[t + 16]);
-            peak[t] = peak[t].max(a.abs()).max(b.abs());
-            poison[t] += a * 0.0 + b * 0.0;
-        }
-        let peak = peak.iter().fold(0f32, |p, &v| p.max(v));
-        let finite = poison.iter().sum::<f32>() == 0.0;
-        let (scale, inv) = if peak > 0.0 {
-            (peak / 127.0, 127.0 / peak)
-        } else {
-            (0.0, 0.0)
-        };
-        let mut sum = 0i32;
-        for (o, &v) in out.iter_mut().zip(block) {
-            // Within ±127 already but for rounding; `max` and `min` also map a NaN (a block
-            // marked by its scale) into range, which `clamp` would keep.
-            #[allow(clippy::manual_clamp)]
-            let c = (v * inv).round_ties_even().max(-127.0).min(127.0);
-            // SAFETY: `c` is finite and within ±127, which an i32 holds.
-            let c = unsafe { c.to_int_unchecked::<i32>() };
-            *o = c as i8;
-            sum += c;
-        }
-        *scale_out = if finite { scale } else { f32::NAN };
-        *offset_out = 128 * sum;
-    }
 }
 
 /// The weight codes `[k, n]` and scales `[k / 32, n]` of one panel of [`NR`] columns from
@@ -271,21 +175,11 @@ pub fn matvec(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Activations, GROUP, NR, PASS, TILE};
+    use super::{GROUP, NR, PASS, TILE};
+    use crate::kernels::activations::Activations;
     const PREFETCH: i32 = _MM_HINT_T1;
     const AHEAD: usize = 2;
     use crate::quantize::BLOCK;
-
-    /// [`super::quantize_blocks`] with AVX-512 (a rounding instruction, not a call).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_blocks(
-        x: &[f32],
-        codes: &mut [i8],
-        scales: &mut [f32],
-        offsets: &mut [i32],
-    ) {
-        super::quantize_blocks(x, codes, scales, offsets)
-    }
 
     /// Four rows of [`NR`] codes interleaved into `out` (`[NR][4]`), each shifted by 128.
     #[target_feature(enable = "sse2")]
@@ -513,6 +407,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::activations::Activations;
     use crate::quantize::Quantization;
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt};
 
@@ -593,25 +488,19 @@ mod tests {
     }
 
     #[test]
-    fn activations_are_quantized_per_block_and_a_nan_is_kept() {
+    fn a_nan_activation_reaches_every_output() {
+        if !available() {
+            return;
+        }
         let mut x: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
         x[40] = f32::NAN;
-        let a = quantize_activations(&x, 1, 64);
-        // Block 0 spans -20..=11: its largest magnitude maps to -127.
-        assert_eq!(a.codes[0], -127);
-        assert_eq!(a.scales[0], 20.0 / 127.0);
-        let sum: i32 = a.codes[..32].iter().map(|&c| i32::from(c)).sum();
-        assert_eq!(a.offsets[0], 128 * sum);
-        assert!(a.scales[1].is_nan());
-        if available() {
-            for n in [2, 64] {
-                let codes = vec![1i8; 64 * n];
-                let scales = vec![1.0; 2 * n];
-                let y = matmul(&x, 1, 64, &codes, &scales, n).expect("available");
-                assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
-                let y = matvec(&x, 1, 64, &codes, &scales, n).expect("available");
-                assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
-            }
+        for n in [2, 64] {
+            let codes = vec![1i8; 64 * n];
+            let scales = vec![1.0; 2 * n];
+            let y = matmul(&x, 1, 64, &codes, &scales, n).expect("available");
+            assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
+            let y = matvec(&x, 1, 64, &codes, &scales, n).expect("available");
+            assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
         }
     }
 }
