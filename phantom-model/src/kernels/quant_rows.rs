@@ -4,17 +4,28 @@
 //!
 //! A decode step ([`matvec`]) takes each output as a dot product of one code row with the
 //! activations: the 32 codes of a block are widened to f32 in registers, multiplied and summed,
-//! and the block's sum weighted by its scale; the rows are split between the cores. Larger
+//! and the block's sum weighted by its scale; the rows are split between the cores. In
+//! WebAssembly, whose one thread is bound by arithmetic rather than memory, the activations are
+//! quantized per block ([`super::activations`]) and each block's sum taken in integers instead:
+//! four `i32x4.dot_i16x8_s` per block where the float path converts and multiplies 32 values. Larger
 //! batches dequantize panels of rows for the f32 GEMM ([`super::quant::by_panels`]);
 //! [`gather`] reads whole rows, as an embedding lookup does.
 
-use super::dot::{Isa, MAX_ROWS, isa};
+use super::dot::MAX_ROWS;
 use crate::quantize::BLOCK;
 
 /// Lanes of one accumulator: an AVX-512 register, two AVX2 ones.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 const LANES: usize = 16;
 
 /// `a·b + c`, fused where the build has FMA.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
@@ -22,6 +33,10 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// The dot products of one code row (`codes`, `k` values, with its `scales`) with the
 /// activation rows `x` (each `k` values).
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn dot_row<const R: usize, const FMA: bool>(
     x: [&[f32]; R],
@@ -50,6 +65,10 @@ fn dot_row<const R: usize, const FMA: bool>(
 
 /// Fills `out` (`[rows, m]`: each output row's `m` products in turn) for the code rows
 /// starting at `j0`.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn rows_body<const FMA: bool>(
     x: &[f32],
@@ -125,8 +144,19 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     let per_task = super::dot::rows_per_task(n, k);
     // Each task's outputs `[rows, m]`, transposed to `[m, n]` at the end.
     let mut by_row = vec![0.0f32; n * m];
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    {
+        let a = super::activations::quantize_activations(x, m, k);
+        let widened = wasm::widen(&a.codes);
+        super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
+            let codes = (codes, scales);
+            wasm::rows((&widened, &a.scales), m, k, codes, task * per_task, out);
+        });
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
         let j0 = task * per_task;
+        use super::dot::{Isa, isa};
         match isa() {
             // SAFETY: `isa()` chose these only after detecting every feature they enable.
             #[cfg(target_arch = "x86_64")]
@@ -137,6 +167,76 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
         }
     });
     super::dot::row_major(by_row, m, n)
+}
+
+/// [`matvec`]'s integer row products in WebAssembly SIMD.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm {
+    use core::arch::wasm32::*;
+
+    use crate::quantize::BLOCK;
+
+    /// Activation codes widened to i16, eight to a vector (four vectors a block).
+    pub(super) fn widen(codes: &[i8]) -> Vec<v128> {
+        codes
+            .chunks_exact(16)
+            .flat_map(|c| {
+                // SAFETY: `c` holds 16 bytes.
+                let v = unsafe { v128_load(c.as_ptr().cast()) };
+                [i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v)]
+            })
+            .collect()
+    }
+
+    /// Fills `out` (`[rows, m]`) with the products of the code rows from `j0` (codes `[n, k]`,
+    /// scales `[n, k / 32]`) and the `m` quantized activation rows `(x, x_scales)` ([`widen`]
+    /// codes, `[m, k / 32]` scales): per block, four pair products of i16 into i32 lanes, an
+    /// exact sum weighted by both scales.
+    pub(super) fn rows(
+        (x, x_scales): (&[v128], &[f32]),
+        m: usize,
+        k: usize,
+        (codes, scales): (&[i8], &[f32]),
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = k / BLOCK;
+        for (t, o) in out.chunks_exact_mut(m).enumerate() {
+            let j = j0 + t;
+            let c = &codes[j * k..(j + 1) * k];
+            let s = &scales[j * blocks..(j + 1) * blocks];
+            for (r, o) in o.iter_mut().enumerate() {
+                let xr = &x[r * k / 8..(r + 1) * k / 8];
+                let xs = &x_scales[r * blocks..(r + 1) * blocks];
+                let mut acc = f32x4_splat(0.0);
+                for ((block, xb), (&s, &xs)) in c
+                    .chunks_exact(BLOCK)
+                    .zip(xr.chunks_exact(4))
+                    .zip(s.iter().zip(xs))
+                {
+                    // SAFETY: a block holds 32 codes, read 16 at a time.
+                    let (c0, c1) = unsafe {
+                        (
+                            v128_load(block.as_ptr().cast()),
+                            v128_load(block.as_ptr().add(16).cast()),
+                        )
+                    };
+                    let low = i32x4_add(
+                        i32x4_dot_i16x8(i16x8_extend_low_i8x16(c0), xb[0]),
+                        i32x4_dot_i16x8(i16x8_extend_high_i8x16(c0), xb[1]),
+                    );
+                    let high = i32x4_add(
+                        i32x4_dot_i16x8(i16x8_extend_low_i8x16(c1), xb[2]),
+                        i32x4_dot_i16x8(i16x8_extend_high_i8x16(c1), xb[3]),
+                    );
+                    let sum = f32x4_convert_i32x4(i32x4_add(low, high));
+                    acc = f32x4_add(acc, f32x4_mul(sum, f32x4_splat(s * xs)));
+                }
+                *o = (f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc))
+                    + (f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc));
+            }
+        }
+    }
 }
 
 /// [`matvec`] up to [`MAX_ROWS`] rows; beyond, panels of rows dequantized for the GEMM.
