@@ -296,8 +296,8 @@ mod x86 {
                             let s = sums.as_mut_ptr().add(r * n + t0);
                             for q in 0..4 {
                                 let mut v = _mm512_loadu_si512(s.add(16 * q).cast());
-                                for h in 0..PASS / GROUP {
-                                    v = _mm512_dpbusd_epi32(v, w[h][q], xs[h]);
+                                for (w, &x) in w.iter().zip(&xs) {
+                                    v = _mm512_dpbusd_epi32(v, w[q], x);
                                 }
                                 _mm512_storeu_si512(s.add(16 * q).cast(), v);
                             }
