@@ -9,8 +9,12 @@
 //! registers but opens 32 streams `n` bytes apart, which waits on memory.)
 //! Larger batches ([`matmul`]) dequantize a panel of columns at a time into a buffer of a few
 //! MiB and run the f32 GEMM on it, so no float copy of the whole weight ever exists.
+//! In WebAssembly, whose one thread is bound by arithmetic rather than memory, [`matvec`]
+//! quantizes the activations per block ([`super::activations`]) and sums each block in
+//! integers instead: two code rows interleaved as i16 pairs, `i32x4.dot_i16x8_s` against a
+//! pair of activation codes.
 
-use super::dot::{Isa, MAX_ROWS, isa};
+use super::dot::MAX_ROWS;
 use crate::quantize::BLOCK;
 
 /// Codes of each of the [`ROWS`] rows widened at a time with AVX-512 (32 registers): the
@@ -18,9 +22,17 @@ use crate::quantize::BLOCK;
 #[cfg(target_arch = "x86_64")]
 const WIDE_TILE: usize = 64;
 /// [`WIDE_TILE`] for AVX2, WebAssembly and the portable code (16 registers).
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 const NARROW_TILE: usize = 16;
 
 /// `a·b + c`, fused where the build has FMA.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
@@ -28,12 +40,24 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// Code rows added together: their products share one pass over the block sums (four
 /// streams a row of codes apart, which the prefetchers follow).
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 const ROWS: usize = 4;
 
 /// Code rows between a pass's rows and the rows [`add_rows`] prefetches.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 const AHEAD: usize = 2 * ROWS;
 
 /// Asks for the cache line at `p` in the second-level cache, where the processor can.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn prefetch(p: *const i8) {
     #[cfg(target_arch = "x86_64")]
@@ -50,6 +74,10 @@ fn prefetch(p: *const i8) {
 /// (`[m, n]`). The rows [`AHEAD`] rows on (`ahead`, when they belong to the same stretch) are
 /// prefetched a cache line per tile as they go: the streams are a row of codes apart, which
 /// the processor's own prefetchers follow too late.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn add_rows<const R: usize, const FMA: bool, const TILE: usize>(
     x: [[f32; ROWS]; R],
@@ -99,6 +127,10 @@ fn add_rows<const R: usize, const FMA: bool, const TILE: usize>(
 /// the codes in memory order: each code row is widened and added, weighted by the activations
 /// (four rows at a time), into the block sums `acc` (`[m, n]`, in cache), which are scaled
 /// into `out` once per block.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rows_body<const FMA: bool, const TILE: usize>(
@@ -191,6 +223,10 @@ unsafe fn rows_avx2(
 }
 
 /// One range of code rows on the best instruction set.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
 #[allow(clippy::too_many_arguments)]
 fn rows(
     x: &[f32],
@@ -202,6 +238,7 @@ fn rows(
     range: (usize, usize),
     out: &mut [f32],
 ) {
+    use super::dot::{Isa, isa};
     match isa() {
         // SAFETY: `isa()` chose these only after detecting every feature they enable.
         #[cfg(target_arch = "x86_64")]
@@ -219,9 +256,119 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(codes.len(), n * k);
     debug_assert_eq!(scales.len(), n * k / BLOCK);
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    {
+        let a = super::activations::quantize_activations(x, m, k);
+        let pairs = wasm::pairs(&a.codes);
+        by_code_rows(m, k, n, |range, out| {
+            wasm::code_rows(&a, &pairs, m, k, (codes, scales, n), range, out)
+        })
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     by_code_rows(m, k, n, |range, out| {
         rows(x, m, k, codes, scales, n, range, out)
     })
+}
+
+/// [`matvec`]'s integer products in WebAssembly SIMD.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm {
+    use core::arch::wasm32::*;
+
+    use crate::kernels::activations::Activations;
+    use crate::quantize::BLOCK;
+
+    /// Columns of one step: sixteen codes of each row, one vector.
+    const TILE: usize = 16;
+
+    /// Each activation row's codes two at a time, as `i32x4.dot_i16x8_s` pairs them with two
+    /// interleaved code rows: input `2p` in the low half, `2p + 1` in the high (`[m, k / 2]`).
+    pub(super) fn pairs(codes: &[i8]) -> Vec<i32> {
+        codes
+            .chunks_exact(2)
+            .map(|p| (i32::from(p[0]) & 0xffff) | (i32::from(p[1]) << 16))
+            .collect()
+    }
+
+    /// Two code rows of sixteen codes as four vectors of i16 pairs, columns in order: vector
+    /// `q` holds columns `4q..4q + 4`, each as its (first row, second row) codes.
+    #[inline(always)]
+    fn interleave(r0: v128, r1: v128) -> [v128; 4] {
+        let lo = i8x16_shuffle::<0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23>(r0, r1);
+        let hi =
+            i8x16_shuffle::<8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31>(r0, r1);
+        [
+            i16x8_extend_low_i8x16(lo),
+            i16x8_extend_high_i8x16(lo),
+            i16x8_extend_low_i8x16(hi),
+            i16x8_extend_high_i8x16(hi),
+        ]
+    }
+
+    /// Adds the products of code rows `i0..i1` (whole blocks) of the weight `(codes, scales,
+    /// n)` with the quantized activations `a` (`m` rows; `pairs` from [`pairs`]) into `out`
+    /// (`[m, n]`): per block, integer sums `[m, n]` to which each pass adds four code rows,
+    /// sixteen columns at a time (the columns past the last whole tile one at a time), then
+    /// weighted by both scales into `out`.
+    pub(super) fn code_rows(
+        a: &Activations,
+        pairs: &[i32],
+        m: usize,
+        k: usize,
+        (codes, scales, n): (&[i8], &[f32], usize),
+        (i0, i1): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let blocks = k / BLOCK;
+        let full = n / TILE * TILE;
+        let mut sums = vec![0i32; m * n];
+        for b0 in (i0..i1).step_by(BLOCK) {
+            let b = b0 / BLOCK;
+            sums.fill(0);
+            for i in (b0..b0 + BLOCK).step_by(4) {
+                for t0 in (0..full).step_by(TILE) {
+                    // SAFETY: code rows `i..i + 4` hold `n ≥ t0 + 16` codes each.
+                    let row = |q: usize| unsafe {
+                        v128_load(codes.as_ptr().add((i + q) * n + t0).cast())
+                    };
+                    let w = [interleave(row(0), row(1)), interleave(row(2), row(3))];
+                    for r in 0..m {
+                        let at = (r * k + i) / 2;
+                        let x = [i32x4_splat(pairs[at]), i32x4_splat(pairs[at + 1])];
+                        let s = &mut sums[r * n + t0..r * n + t0 + TILE];
+                        for (q, (w0, w1)) in w[0].iter().zip(&w[1]).enumerate() {
+                            let dot =
+                                i32x4_add(i32x4_dot_i16x8(*w0, x[0]), i32x4_dot_i16x8(*w1, x[1]));
+                            // SAFETY: sums `4q..4q + 4` lie within the tile.
+                            unsafe {
+                                let p = s.as_mut_ptr().add(4 * q).cast::<v128>();
+                                v128_store(p, i32x4_add(v128_load(p), dot));
+                            }
+                        }
+                    }
+                }
+                for j in full..n {
+                    for r in 0..m {
+                        let dot: i32 = (0..4)
+                            .map(|q| {
+                                i32::from(codes[(i + q) * n + j])
+                                    * i32::from(a.codes[r * k + i + q])
+                            })
+                            .sum();
+                        sums[r * n + j] += dot;
+                    }
+                }
+            }
+            let s = &scales[b * n..(b + 1) * n];
+            for r in 0..m {
+                let x_scale = a.scales[r * blocks + b];
+                let row = &mut out[r * n..(r + 1) * n];
+                for ((o, &sum), &s) in row.iter_mut().zip(&sums[r * n..(r + 1) * n]).zip(s) {
+                    *o += sum as f32 * (x_scale * s);
+                }
+            }
+        }
+    }
 }
 
 /// `[m, n]` outputs of a product with codes `[k, n]` (`k` a multiple of 32), one contiguous
