@@ -476,8 +476,9 @@ pub fn product(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: u
     }
 }
 
-/// Whether products of quantized weights quantize their activations per block
-/// ([`super::vnni`]) on this processor.
+/// Whether every product of quantized weights quantizes its activations per block
+/// ([`super::vnni`]) on this processor. (In WebAssembly only the decode products do, which
+/// this does not report: the tests that read it run natively.)
 pub fn quantizes_activations() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
