@@ -14,6 +14,7 @@ pub mod error;
 pub mod kernels;
 pub mod linear;
 pub mod model;
+pub mod packed;
 pub mod phantom;
 pub mod presets;
 pub mod processor;

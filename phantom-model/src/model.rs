@@ -7,6 +7,7 @@ use crate::config::PhantomConfig;
 use crate::decoder::rope::Rope;
 use crate::decoder::{CausalLm, DecoderTrace};
 use crate::error::{PhantomError, Result};
+use crate::packed::PackedWeights;
 use crate::projector::VisionProjector;
 use crate::vision::VisionModel;
 
@@ -22,6 +23,10 @@ pub struct PhantomModel {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: PhantomConfig,
+    /// The quantized weights held packed for the CPU kernels, by the id of the parameter each
+    /// stands in for ([`crate::packed`]); empty elsewhere.
+    #[module(skip)]
+    pub(crate) packed: PackedWeights,
 }
 
 /// One batch of model inputs, held on the host.
@@ -128,6 +133,7 @@ impl PhantomModel {
             ),
             language_model: CausalLm::new(&config.llm, config.phantom_eta, device),
             config,
+            packed: PackedWeights::new(),
         }
     }
 
@@ -266,6 +272,6 @@ impl PhantomModel {
 
     /// The device the weights live on.
     pub fn device(&self) -> Device {
-        self.language_model.model.embed_tokens.weight.device()
+        self.language_model.model.embed_tokens.weight.lazy_device()
     }
 }

@@ -9,11 +9,10 @@
 //! Shapes follow the official code: per-token head tensors are `[B, S, H, d]`, and the phantom
 //! vectors of a batch are `[B, 1, H, d]`.
 
-use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid, softmax};
 
-use crate::linear::linear as project;
+use crate::linear::{Linear, LinearConfig, linear as project};
 
 /// Attention *across heads*: every head of every token attends over the heads of the phantom
 /// token (not over the sequence). Four bias-free `d × d` projections, exact GELUs throughout.
@@ -149,6 +148,24 @@ impl PhantomDimension {
             gating_phantom_2: gate(),
             eta,
         }
+    }
+
+    /// Every linear layer of the phantom modules, the gates included.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut all = vec![&mut self.gating_phantom_1, &mut self.gating_phantom_2];
+        for x in [
+            &mut self.xattn_query_phantom,
+            &mut self.xattn_key_phantom,
+            &mut self.xattn_value_phantom,
+        ] {
+            all.extend([
+                &mut x.linear_q,
+                &mut x.linear_k,
+                &mut x.linear_v,
+                &mut x.linear_o,
+            ]);
+        }
+        all
     }
 
     /// `q' = [q ‖ η·Xq(q, q̂)]`, `[B, T, H, d] → [B, T, H, 2d]`.

@@ -1,6 +1,8 @@
 //! From vision features to LLM tokens: drop CLS, pixel shuffle 0.5, `vision_proj`.
 
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
+
+use crate::linear::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 

@@ -18,10 +18,10 @@
 //!   byte, the even input in the low nibble, each stored as `c + 8` (0..=15);
 //! - `….weight_scale`: `F16 [out, in / 32]`, the scale of each block, row-major.
 //!
-//! In memory the weights are Burn quantized tensors (`QFloat`): flex keeps the codes as i8
-//! next to f32 scales and [`crate::kernels`] multiplies them without a float copy; wgpu and
-//! CUDA multiply them with Burn's own kernels. Backends without quantized arithmetic
-//! (ndarray, libtorch) get the weights dequantized to float at load.
+//! In memory, on flex, a quantized weight is a [`crate::packed::PackedWeight`] (i8 codes next
+//! to f32 scales) that [`crate::kernels`] multiplies without a float copy; on wgpu and CUDA it
+//! is a Burn quantized tensor (`QFloat`) that Burn's own kernels multiply. Backends without
+//! quantized arithmetic (ndarray, libtorch) get the weights dequantized to float at load.
 
 use std::fmt;
 use std::str::FromStr;
@@ -269,48 +269,6 @@ fn valid_scale(raw: f32) -> f32 {
     }
 }
 
-/// Codes and scales of an `[n, k]` weight (row-major, scales `[n, k / 32]`) as the quantized
-/// tensor data of its transpose `[k, n]`, blocks of 32 down each column: the layout of a
-/// linear weight as Burn sees it, which the flex kernels read.
-///
-/// # Panics
-/// If the lengths are not `n·k` codes and `n·k/32` scales.
-pub fn columns(
-    codes: &[i8],
-    scales: &[f32],
-    n: usize,
-    k: usize,
-    scheme: Quantization,
-) -> TensorData {
-    check_lengths(codes, scales, n, k);
-    // Room for the scales, which Burn appends to the codes' allocation: without it the
-    // allocation would grow (to twice its size) and every code be copied once more.
-    let room = Vec::with_capacity(n * k + n * (k / BLOCK) * size_of::<f32>() + 16);
-    let codes_kn = transpose_into(codes, n, k, room);
-    let scales_kn = transpose_into(scales, n, k / BLOCK, Vec::new());
-    TensorData::quantized(codes_kn, [k, n], column_scheme(scheme), &scales_kn, None)
-}
-
-/// Codes and scales of an `[n, k]` table (row-major, scales `[n, k / 32]`) as the quantized
-/// tensor data of that same `[n, k]` matrix, blocks of 32 along each row: a token embedding,
-/// which the flex kernels gather rows from and multiply as a tied LM head.
-///
-/// # Panics
-/// If the lengths are not `n·k` codes and `n·k/32` scales.
-pub fn rows(
-    codes: Vec<i8>,
-    scales: &[f32],
-    n: usize,
-    k: usize,
-    scheme: Quantization,
-) -> TensorData {
-    check_lengths(&codes, scales, n, k);
-    let mut codes = codes;
-    // Room for the scales, which Burn appends to the codes' allocation (see `columns`).
-    codes.reserve_exact(size_of_val(scales) + 16);
-    TensorData::quantized(codes, [n, k], blocks_of(scheme, [1, BLOCK]), scales, None)
-}
-
 /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, written into `out`
 /// (cleared first; its capacity is kept).
 pub(crate) fn transpose_into<T: Copy + Default>(
@@ -334,21 +292,17 @@ pub fn column_scheme(scheme: Quantization) -> QuantScheme {
     blocks_of(scheme, [BLOCK, 1])
 }
 
+/// Burn's scheme of a table `[n, k]` with blocks of 32 along each row.
+pub fn row_scheme(scheme: Quantization) -> QuantScheme {
+    blocks_of(scheme, [1, BLOCK])
+}
+
 /// Burn's scheme of `scheme`'s codes, one byte each, in blocks of shape `block`.
 fn blocks_of(scheme: Quantization, block: [usize; 2]) -> QuantScheme {
     QuantScheme::default()
         .with_value(scheme.value())
         .with_store(QuantStore::Native)
         .per_block(block.map(|b| b as u8), ScaleDtype::F16)
-}
-
-/// # Panics
-/// Unless there are `n·k` codes and `n·k/32` scales.
-fn check_lengths(codes: &[i8], scales: &[f32], n: usize, k: usize) {
-    assert!(
-        codes.len() == n * k && scales.len() * BLOCK == n * k,
-        "{n}x{k} codes with one scale per block of {BLOCK}"
-    );
 }
 
 /// `c · s` for codes of a row-major `[out, in]` matrix and their block scales.

@@ -3,14 +3,14 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::{VisionConfig, VisionNorm};
-use crate::linear::linear;
+use crate::linear::{Linear, LinearConfig, linear};
 
 /// The norm of a vision layer, as the config chooses it.
 #[derive(Module, Debug)]

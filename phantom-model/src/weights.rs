@@ -25,6 +25,7 @@ use crate::config::{Backbone, PhantomConfig};
 use crate::decoder::{internlm2, phi3, qwen2};
 use crate::error::{PhantomError, Result};
 use crate::model::PhantomModel;
+use crate::packed::{PackedWeight, PackedWeights};
 use crate::quantize::{self, Quantization, QuantizationConfig};
 
 /// Name of the single-file checkpoint.
@@ -539,6 +540,7 @@ pub fn cast_parameters(model: PhantomModel, options: LoadOptions) -> PhantomMode
         options,
         out_in: out_in_layout(&device),
         walk: Walk::default(),
+        packed: model.packed.clone(),
     };
     model.map(&mut caster)
 }
@@ -548,6 +550,8 @@ struct Caster {
     options: LoadOptions,
     out_in: bool,
     walk: Walk,
+    /// The model's packed weights, which stay as they are.
+    packed: PackedWeights,
 }
 
 impl ModuleMapper for Caster {
@@ -561,6 +565,9 @@ impl ModuleMapper for Caster {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (_, dtype, role) = self.walk.locate(self.backbone, self.options);
+        if is_packed(&self.packed, &param) {
+            return param;
+        }
         let out_in = self.out_in && role == Role::LinearWeight && D == 2;
         param.map(|t| {
             if t.dtype() == dtype || matches!(t.dtype(), DType::QFloat(_)) {
@@ -593,6 +600,8 @@ struct Filler<'a> {
     device: Device,
     /// Told the bytes of every tensor loaded.
     progress: &'a mut dyn FnMut(u64),
+    /// The weights packed for the CPU kernels, by the parameter each stands in for.
+    packed: PackedWeights,
 }
 
 impl Filler<'_> {
@@ -602,7 +611,7 @@ impl Filler<'_> {
         dtype: DType,
         role: Role,
         want: &[usize],
-    ) -> Option<Tensor<D>> {
+    ) -> Option<Placed<D>> {
         let part = self.part?;
         let entry = part.entries.get(key)?;
         self.used.insert(key.to_string());
@@ -671,13 +680,13 @@ impl Filler<'_> {
                 part.release(entry);
                 converted
             };
-        if linear && self.out_in {
+        Some(Placed::Tensor(if linear && self.out_in {
             let stored = TensorData::from_bytes(bytes, entry.shape.clone(), dtype);
-            Some(Tensor::<D>::from_data(stored, (&self.device, dtype)).transpose())
+            Tensor::<D>::from_data(stored, (&self.device, dtype)).transpose()
         } else {
             let stored = TensorData::from_bytes(bytes, burn_shape, dtype);
-            Some(Tensor::<D>::from_data(stored, (&self.device, dtype)))
-        }
+            Tensor::<D>::from_data(stored, (&self.device, dtype))
+        }))
     }
 }
 
@@ -693,7 +702,7 @@ impl Filler<'_> {
         dtype: DType,
         role: Role,
         want: &[usize],
-    ) -> Option<Tensor<D>> {
+    ) -> Option<Placed<D>> {
         let part = self.part?;
         let Some(q) = self.quantization else {
             self.problems.push(format!(
@@ -780,10 +789,39 @@ struct Codes {
     role: Role,
 }
 
-/// A quantized matrix placed on `device`: a quantized tensor where the device has quantized
-/// arithmetic (`native`; for the token embeddings, flex only), otherwise the dequantized
-/// values in `dtype` laid out as the device reads them, so that every backend computes with
-/// the same weights.
+/// A parameter's value as placed on its device.
+enum Placed<const D: usize> {
+    /// A tensor (float, or quantized on the GPUs).
+    Tensor(Tensor<D>),
+    /// A quantized matrix packed for the CPU kernels ([`crate::packed`]).
+    Packed(PackedWeight),
+}
+
+impl<const D: usize> Placed<D> {
+    /// Parameter `param` holding this value; a packed weight is recorded in `packed` and
+    /// stood in for by a lazy parameter ([`PackedWeight::param`]).
+    fn into_param(
+        self,
+        param: Param<Tensor<D>>,
+        device: &Device,
+        packed: &mut PackedWeights,
+    ) -> Param<Tensor<D>> {
+        let id = param.id;
+        match self {
+            Placed::Tensor(tensor) => param.transform_for_load(tensor, id),
+            Placed::Packed(weight) => {
+                let stand_in = weight.param(id, device);
+                packed.insert(id, weight);
+                stand_in
+            }
+        }
+    }
+}
+
+/// A quantized matrix placed on `device`: packed for the CPU kernels on flex, a quantized
+/// tensor where a GPU has quantized arithmetic (`native`; the token embeddings stay float
+/// there), otherwise the dequantized values in `dtype` laid out as the device reads them, so
+/// that every backend computes with the same weights.
 fn place_quantized<const D: usize>(
     device: &Device,
     out_in: bool,
@@ -796,18 +834,16 @@ fn place_quantized<const D: usize>(
         role,
     }: Codes,
     dtype: DType,
-) -> Tensor<D> {
+) -> Placed<D> {
     let linear = role == Role::LinearWeight;
     if native && out_in {
         // Flex: a linear weight laid out as Burn sees it, [k, n] with blocks of 32 down each
-        // column, and the embeddings [n, k] with blocks along each row; the CPU kernels read
-        // both as they are (a transposed view would be re-quantized by every operation on it).
-        let data = if linear {
-            quantize::columns(&codes, &scales, n, k, scheme)
+        // column, and the embeddings [n, k] with blocks along each row.
+        return Placed::Packed(if linear {
+            PackedWeight::columns(&codes, &scales, n, k, scheme)
         } else {
-            quantize::rows(codes, &scales, n, k, scheme)
-        };
-        return Tensor::<D>::from_data(data, device);
+            PackedWeight::rows(codes, scales, n, k, scheme)
+        });
     }
     let values = quantize::dequantize_host(&codes, &scales, k);
     if native && linear {
@@ -816,7 +852,7 @@ fn place_quantized<const D: usize>(
         // can move by one step. They keep the scales in f32 (which holds every f16): adapters
         // without `shader-f16` (many browsers' WebGPU) cannot run f16 scales.
         let w = Tensor::<D>::from_data(TensorData::new(values, [n, k]), (device, DType::F32));
-        return w.quantize_dynamic(&scheme.gpu_scheme()).transpose();
+        return Placed::Tensor(w.quantize_dynamic(&scheme.gpu_scheme()).transpose());
     }
     // No quantized arithmetic (ndarray, libtorch), or embeddings off flex (an embedding lookup
     // has no quantized kernel there): the same values in float, a linear weight as `[k, n]`.
@@ -829,7 +865,7 @@ fn place_quantized<const D: usize>(
     );
     let shape = if linear { [k, n] } else { [n, k] };
     let stored = TensorData::from_bytes(bytes, shape, dtype);
-    Tensor::<D>::from_data(stored, (device, dtype))
+    Placed::Tensor(Tensor::<D>::from_data(stored, (device, dtype)))
 }
 
 /// `[n, k]` in the checkpoint's order of a matrix whose Burn shape is `want`: a linear weight's
@@ -874,9 +910,13 @@ pub fn quantize_parameters(mut model: PhantomModel, config: QuantizationConfig) 
         out_in: out_in_layout(&device),
         native,
         walk: Walk::default(),
+        already: model.packed.clone(),
+        packed: PackedWeights::new(),
     };
     model.config.quantization = native.then_some(config);
-    model.map(&mut mapper)
+    let mut model = model.map(&mut mapper);
+    crate::linear::attach(&mut model, mapper.packed);
+    model
 }
 
 struct Quantizer {
@@ -886,6 +926,10 @@ struct Quantizer {
     out_in: bool,
     native: bool,
     walk: Walk,
+    /// The model's weights packed already.
+    already: PackedWeights,
+    /// The weights it packs.
+    packed: PackedWeights,
 }
 
 impl ModuleMapper for Quantizer {
@@ -900,7 +944,8 @@ impl ModuleMapper for Quantizer {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
         let want: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
-        if !quantizes(Some(self.config), &key, role, &want)
+        if is_packed(&self.already, &param)
+            || !quantizes(Some(self.config), &key, role, &want)
             || matches!(param.val().dtype(), DType::QFloat(_))
         {
             return param;
@@ -908,34 +953,40 @@ impl ModuleMapper for Quantizer {
         let Some([n, k]) = checkpoint_nk(role, &want) else {
             return param;
         };
-        param.map(|t| {
-            let dtype = t.dtype();
-            let t = if role == Role::LinearWeight {
-                t.transpose()
-            } else {
-                t
-            };
-            let values = t
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .unwrap_or_default();
-            let (codes, scales) = quantize::quantize_host(&values, k, self.config.scheme);
-            place_quantized(
-                &self.device,
-                self.out_in,
-                self.native,
-                Codes {
-                    codes,
-                    scales,
-                    nk: [n, k],
-                    scheme: self.config.scheme,
-                    role,
-                },
-                dtype,
-            )
-        })
+        let t = param.val();
+        let dtype = t.dtype();
+        let t = if role == Role::LinearWeight {
+            t.transpose()
+        } else {
+            t
+        };
+        let values = t
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        let (codes, scales) = quantize::quantize_host(&values, k, self.config.scheme);
+        let placed = place_quantized(
+            &self.device,
+            self.out_in,
+            self.native,
+            Codes {
+                codes,
+                scales,
+                nk: [n, k],
+                scheme: self.config.scheme,
+                role,
+            },
+            dtype,
+        );
+        placed.into_param(param, &self.device, &mut self.packed)
     }
+}
+
+/// Whether `param` still stands in for one of the `packed` weights (asking it for its value
+/// would unpack a copy).
+fn is_packed<const D: usize>(packed: &PackedWeights, param: &Param<Tensor<D>>) -> bool {
+    !param.is_initialized() && packed.contains_key(&param.id)
 }
 
 /// Why a checkpoint quantized as one scheme cannot load as the one `options` ask for.
@@ -983,14 +1034,13 @@ impl ModuleMapper for Filler<'_> {
         };
         self.expected.insert(key.clone(), official_shape);
         match self.build::<D>(&key, dtype, role, &want) {
-            Some(tensor) => {
+            Some(placed) => {
                 for name in [key.clone(), format!("{key}{SCALE_SUFFIX}")] {
                     if let Some(entry) = self.part.and_then(|p| p.entries.get(&name)) {
                         (self.progress)((entry.end - entry.start) as u64);
                     }
                 }
-                let id = param.id;
-                param.transform_for_load(tensor, id)
+                placed.into_param(param, &self.device, &mut self.packed)
             }
             None => param,
         }
@@ -1091,8 +1141,10 @@ impl WeightLoader {
             problems: Vec::new(),
             device,
             progress,
+            packed: PackedWeights::new(),
         };
-        let model = model.map(&mut filler);
+        let mut model = model.map(&mut filler);
+        crate::linear::attach(&mut model, std::mem::take(&mut filler.packed));
         self.model = Some(model);
         for key in part.entries.keys() {
             if !filler.used.contains(key) {
@@ -1163,6 +1215,8 @@ struct Collector {
     file_dtype: Dtype,
     walk: Walk,
     tensors: Vec<(String, Stored)>,
+    /// The model's packed weights, read as they lie.
+    packed: PackedWeights,
 }
 
 /// A parameter as the checkpoint stores it, converted when the writer asks for its bytes.
@@ -1196,15 +1250,13 @@ impl Collector {
     /// ([`crate::quantize`]), each computed when the writer asks for it: the writer orders
     /// tensors by dtype, so keeping the codes until their scales are written would hold every
     /// weight's codes at once.
-    fn quantized<const D: usize>(
+    fn quantized(
         &mut self,
         key: String,
-        weight: Tensor<D>,
+        codes_and_scales: impl Fn() -> (Vec<i8>, Vec<f32>) + Clone + 'static,
         [n, k]: [usize; 2],
-        role: Role,
         scheme: Quantization,
     ) {
-        let codes_and_scales = move || stored_codes(weight.clone(), role, scheme);
         let (code_dtype, code_shape) = match scheme {
             Quantization::Q8 => (Dtype::I8, vec![n, k]),
             Quantization::Q4 => (Dtype::U8, vec![n, k / 2]),
@@ -1283,14 +1335,26 @@ impl ModuleVisitor for Collector {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let (key, _, role) = self.walk.locate(self.backbone, LoadOptions::default());
-        let mut value = param.val();
-        let dims = value.dims().to_vec();
+        let dims = param.lazy_shape().dims::<D>().to_vec();
         if let (Some(q), Some(nk)) = (self.quantization, checkpoint_nk(role, &dims))
             && quantizes(Some(q), &key, role, &dims)
         {
-            self.quantized(key, value, nk, role, q.scheme);
+            if is_packed(&self.packed, param)
+                && let Some(weight) = self.packed.get(&param.id).cloned()
+            {
+                self.quantized(key, move || weight.parts(), nk, q.scheme);
+            } else {
+                let value = param.val();
+                self.quantized(
+                    key,
+                    move || stored_codes(value.clone(), role, q.scheme),
+                    nk,
+                    q.scheme,
+                );
+            }
             return;
         }
+        let mut value = param.val();
         if role == Role::LinearWeight && D == 2 {
             value = value.transpose();
         }
@@ -1352,6 +1416,7 @@ pub fn save_model_as(model: &PhantomModel, dir: impl AsRef<Path>, dtype: DType) 
         file_dtype,
         walk: Walk::default(),
         tensors: Vec::new(),
+        packed: model.packed.clone(),
     };
     model.visit(&mut collector);
     let weights = dir.join(WEIGHTS_FILE);

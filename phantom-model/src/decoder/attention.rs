@@ -4,14 +4,13 @@
 //! `[Q|K|V]`, or InternLM2's per-KV-head groups); everything after that is one code path:
 //! RoPE → phantom vectors → widen to 2d → causal attention over the cache → gate → `o_proj`.
 
-use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use super::rope::{RopeTables, apply_rope};
 use crate::cache::LayerCache;
 use crate::config::{Backbone, LlmConfig};
-use crate::linear::linear;
+use crate::linear::{Linear, LinearConfig, linear};
 use crate::phantom::{PhantomDimension, PhantomVectors};
 
 /// Tensors recorded inside one attention layer, for comparing a port tensor by tensor.

@@ -1,10 +1,9 @@
 //! The SwiGLU feed-forward block shared by every backbone: `down(silu(gate(x)) ⊙ up(x))`.
 
-use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
-use crate::linear::linear;
+use crate::linear::{Linear, LinearConfig, linear};
 
 /// Separate gate and up projections (Qwen2, InternLM2).
 #[derive(Module, Debug)]

@@ -9,11 +9,12 @@ pub mod phi3;
 pub mod qwen2;
 pub mod rope;
 
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
 use crate::cache::KvCache;
 use crate::config::LlmConfig;
+use crate::linear::{Embedding, Linear, LinearConfig};
 use attention::{Attention, AttentionMask, AttentionTrace, StepContext};
 use mlp::Mlp;
 use rope::Rope;
@@ -79,7 +80,7 @@ impl CausalLm {
     /// A randomly initialised decoder shaped by `config`.
     pub fn new(config: &LlmConfig, eta: f64, device: &Device) -> Self {
         let model = DecoderModel {
-            embed_tokens: EmbeddingConfig::new(config.vocab_size, config.hidden_size).init(device),
+            embed_tokens: Embedding::new(config.vocab_size, config.hidden_size, device),
             layers: (0..config.num_hidden_layers)
                 .map(|_| DecoderLayer::new(config, eta, device))
                 .collect(),
@@ -98,41 +99,12 @@ impl CausalLm {
     /// Token embeddings of `ids` (`[B, T]` → `[B, T, D]`), in the dtype the decoder computes
     /// in (the table may be stored in half precision, see [`crate::LoadOptions::weights`]).
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let embeds = self
-            .quantized_embed(&ids)
-            .unwrap_or_else(|| self.model.embed_tokens.forward(ids));
+        let embeds = self.model.embed_tokens.forward(ids);
         let dtype = self.model.norm.gamma.val().dtype();
         if embeds.dtype() == dtype {
             embeds
         } else {
             embeds.cast(dtype)
-        }
-    }
-
-    /// The rows of a quantized embedding table on flex ([`crate::quantize::rows`]), read by the
-    /// CPU kernels; `None` for a float table or another device.
-    fn quantized_embed(&self, ids: &Tensor<2, Int>) -> Option<Tensor<3>> {
-        #[cfg(feature = "cpu-kernels")]
-        {
-            let table: &Tensor<2> = &self.model.embed_tokens.weight;
-            if !matches!(table.dtype(), burn::tensor::DType::QFloat(_)) {
-                return None;
-            }
-            let [b, t] = ids.dims();
-            let flat: Vec<usize> = ids
-                .to_data()
-                .convert::<i64>()
-                .iter::<i64>()
-                .map(|id| usize::try_from(id).unwrap_or(usize::MAX))
-                .collect();
-            let rows = crate::kernels::quantized_gather(table, &flat)?;
-            let d = rows.dims()[1];
-            Some(rows.reshape([b, t, d]))
-        }
-        #[cfg(not(feature = "cpu-kernels"))]
-        {
-            let _ = ids;
-            None
         }
     }
 
@@ -230,9 +202,9 @@ impl CausalLm {
             Some(head) => crate::linear::linear(head, hidden),
             None => {
                 let [b, t, d] = hidden.dims();
-                let weight = &self.model.embed_tokens.weight;
-                let v = weight.dims()[0];
-                crate::linear::tied_head(weight, hidden.reshape([b * t, d])).reshape([b, t, v])
+                let table = &self.model.embed_tokens;
+                let [v, _] = table.shape();
+                crate::linear::tied_head(table, hidden.reshape([b * t, d])).reshape([b, t, v])
             }
         }
     }

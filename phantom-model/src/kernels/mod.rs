@@ -30,7 +30,8 @@ use half::{bf16, f16};
 
 pub use dot::MAX_ROWS;
 
-use crate::quantize::{BLOCK, transpose_into};
+use crate::packed::{Blocks, PackedWeight, checkpoint_order};
+use crate::quantize::BLOCK;
 
 /// Threads the kernels split work over.
 fn threads() -> usize {
@@ -200,15 +201,6 @@ fn flex_tensor(values: Vec<f32>, shape: [usize; 2], dtype: DType) -> Tensor<2> {
     Tensor::from_primitive::<Flex>(FlexTensor::from_data(data))
 }
 
-/// How a quantized flex tensor `[rows, cols]` is cut into blocks of 32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Blocks {
-    /// Down each column: a linear weight seen as `[k, n]` ([`crate::quantize::columns`]).
-    DownColumns,
-    /// Along each row: a token embedding `[V, d]` ([`crate::quantize::rows`]).
-    AlongRows,
-}
-
 /// The flex quantized tensor behind `w` (codes row-major as Burn sees `w`, one scale per block
 /// in the blocks' row-major order) and how its blocks lie; `None` for any other device or
 /// scheme.
@@ -244,56 +236,74 @@ fn quantized_codes(w: &Tensor<2>) -> Option<(burn_flex::FlexQTensor, Blocks)> {
 }
 
 /// `x · w` for `x` `[m, k]` and a quantized weight `w_kn` seen as `[k, n]` and stored so on a
-/// flex device, with blocks of 32 inputs down each column ([`crate::quantize::columns`]);
-/// `[m, n]` in `x`'s dtype. `None` for any other device, layout or scheme.
+/// flex device, with blocks of 32 inputs down each column; `[m, n]` in `x`'s dtype. `None`
+/// for any other device, layout or scheme.
 pub fn quantized_rows(x: &Tensor<2>, w_kn: &Tensor<2>) -> Option<Tensor<2>> {
-    quantized_product(x, w_kn, Blocks::DownColumns)
+    quantized_tensor_product(x, w_kn, Blocks::DownColumns)
 }
 
-/// `x · tᵀ` for `x` `[m, k]` and a quantized table `t_nk` `[n, k]` with blocks along its rows
-/// ([`crate::quantize::rows`]): the logits of a head tied to a quantized embedding, `[m, n]`
-/// in `x`'s dtype. `None` for any other device, layout or scheme.
+/// `x · tᵀ` for `x` `[m, k]` and a quantized table `t_nk` `[n, k]` with blocks along its rows:
+/// the logits of a head tied to a quantized embedding, `[m, n]` in `x`'s dtype. `None` for
+/// any other device, layout or scheme.
 pub fn quantized_table_product(x: &Tensor<2>, t_nk: &Tensor<2>) -> Option<Tensor<2>> {
-    quantized_product(x, t_nk, Blocks::AlongRows)
+    quantized_tensor_product(x, t_nk, Blocks::AlongRows)
 }
 
-/// The product of `x` `[m, k]` with the quantized flex tensor `w` laid out as `blocks` says
-/// (`[k, n]` down columns, `[n, k]` along rows), by that layout's kernels.
-fn quantized_product(x: &Tensor<2>, w: &Tensor<2>, blocks: Blocks) -> Option<Tensor<2>> {
+/// The product of `x` `[m, k]` with the quantized flex tensor `w` laid out as `blocks` says.
+fn quantized_tensor_product(x: &Tensor<2>, w: &Tensor<2>, blocks: Blocks) -> Option<Tensor<2>> {
+    let (q, stored) = quantized_codes(w)?;
+    if stored != blocks {
+        return None;
+    }
+    let codes = contiguous_values::<i8>(q.tensor())?;
+    quantized_product(x, codes, q.scales(), w.dims(), blocks)
+}
+
+/// The product of `x` `[m, k]` with a packed weight: `x · W` for a linear weight (`[k, n]`,
+/// blocks down the columns), `x · Tᵀ` for a table (`[n, k]`, blocks along the rows); `[m, n]`
+/// in `x`'s dtype. `None` off flex or for mismatched widths.
+pub fn packed_product(x: &Tensor<2>, w: &PackedWeight) -> Option<Tensor<2>> {
+    quantized_product(x, w.codes(), w.scales(), w.shape(), w.blocks())
+}
+
+/// The product of `x` `[m, k]` with the codes and scales of a `[rows, cols]` matrix laid out
+/// as `blocks` says (`[k, n]` down columns, `[n, k]` along rows), by that layout's kernels.
+fn quantized_product(
+    x: &Tensor<2>,
+    codes: &[i8],
+    scales: &[f32],
+    [rows, cols]: [usize; 2],
+    blocks: Blocks,
+) -> Option<Tensor<2>> {
     if !is_flex(&x.device()) {
         return None;
     }
     let [m, k] = x.dims();
-    let (q, stored) = quantized_codes(w)?;
-    let [rows, cols] = w.dims();
     let (k_w, n) = match blocks {
         Blocks::DownColumns => (rows, cols),
         Blocks::AlongRows => (cols, rows),
     };
-    if k != k_w || stored != blocks {
+    if k != k_w || codes.len() != rows * cols || scales.len() * BLOCK != codes.len() {
         return None;
     }
-    let codes = contiguous_values::<i8>(q.tensor())?;
     let out_dtype = x.dtype();
     let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
     let y = match blocks {
-        Blocks::DownColumns => quant::product(&xs, m, k, codes, q.scales(), n),
-        Blocks::AlongRows => quant_rows::product(&xs, m, k, codes, q.scales(), n),
+        Blocks::DownColumns => quant::product(&xs, m, k, codes, scales, n),
+        Blocks::AlongRows => quant_rows::product(&xs, m, k, codes, scales, n),
     };
     Some(flex_tensor(y, [m, n], out_dtype))
 }
 
-/// Rows `ids` of a quantized table `t` `[n, k]` with blocks along its rows, dequantized to f32
-/// (`[ids.len(), k]`): an embedding lookup. `None` for any other device, layout or scheme, or
-/// an id not below `n`.
-pub fn quantized_gather(t: &Tensor<2>, ids: &[usize]) -> Option<Tensor<2>> {
-    let [_, k] = t.dims();
-    let (q, blocks) = quantized_codes(t)?;
-    if blocks != Blocks::AlongRows {
+/// Rows `ids` of a packed table `[n, k]` (blocks along its rows), dequantized to f32
+/// (`[ids.len(), k]`) on `device`: an embedding lookup. `None` off flex, for a linear weight,
+/// or for an id not below `n`.
+pub fn packed_gather(t: &PackedWeight, ids: &[usize], device: &Device) -> Option<Tensor<2>> {
+    if !is_flex(device) || t.blocks() != Blocks::AlongRows {
         return None;
     }
-    let codes = contiguous_values::<i8>(q.tensor())?;
-    let rows = quant_rows::gather(codes, q.scales(), k, ids)?;
+    let [_, k] = t.shape();
+    let rows = quant_rows::gather(t.codes(), t.scales(), k, ids)?;
     Some(flex_tensor(rows, [ids.len(), k], DType::F32))
 }
 
@@ -301,16 +311,9 @@ pub fn quantized_gather(t: &Tensor<2>, ids: &[usize]) -> Option<Tensor<2>> {
 /// stored: `[n, k]` and `[n, k / 32]` for a linear weight seen as `[k, n]`, the table as it
 /// lies for an embedding.
 pub fn quantized_parts(w: &Tensor<2>) -> Option<(Vec<i8>, Vec<f32>)> {
-    let [rows, cols] = w.dims();
     let (q, blocks) = quantized_codes(w)?;
     let codes = contiguous_values::<i8>(q.tensor())?;
-    Some(match blocks {
-        Blocks::DownColumns => (
-            transpose_into(codes, rows, cols, Vec::new()),
-            transpose_into(q.scales(), rows / BLOCK, cols, Vec::new()),
-        ),
-        Blocks::AlongRows => (codes.to_vec(), q.scales().to_vec()),
-    })
+    Some(checkpoint_order(codes, q.scales(), w.dims(), blocks))
 }
 
 fn product<W: dot::Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
@@ -334,27 +337,33 @@ mod tests {
         for scheme in [Quantization::Q8, Quantization::Q4] {
             let (codes, scales) = quantize_host(&values(n * k, 7), k, scheme);
             let dense = dequantize_host(&codes, &scales, k);
-            let table = Tensor::<2>::from_data(
-                crate::quantize::rows(codes, &scales, n, k, scheme),
-                &device,
-            );
+            let packed = PackedWeight::rows(codes, scales, n, k, scheme);
+            // The same table as Burn's quantized tensor, as a packed weight turns into when
+            // something asks for its value.
+            let table = Tensor::<2>::from_data(packed.data(), &device);
             let ids = [5, 299, 0, 5];
-            let rows = gather_values(quantized_gather(&table, &ids).expect("the kernel path"));
+            let rows =
+                gather_values(packed_gather(&packed, &ids, &device).expect("the kernel path"));
             let want: Vec<f32> = ids
                 .iter()
                 .flat_map(|&id| dense[id * k..(id + 1) * k].to_vec())
                 .collect();
             assert_eq!(rows, want, "{scheme} gather");
             assert!(
-                quantized_gather(&table, &[n]).is_none(),
+                packed_gather(&packed, &[n], &device).is_none(),
                 "an id past the table"
             );
             for m in [1, 3, 12] {
                 let x = values(m * k, 8 + m as u64);
                 let hidden = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
-                let y = quantized_table_product(&hidden, &table).expect("the kernel path");
-                let e = worst(&gather_values(y), &x_wt(&x, m, k, &dense, n));
-                assert!(e < 1e-4, "{scheme} head, {m} rows: off by {e}");
+                let want = x_wt(&x, m, k, &dense, n);
+                for (path, y) in [
+                    ("packed", packed_product(&hidden, &packed)),
+                    ("tensor", quantized_table_product(&hidden, &table)),
+                ] {
+                    let e = worst(&gather_values(y.expect("the kernel path")), &want);
+                    assert!(e < 1e-4, "{scheme} head ({path}), {m} rows: off by {e}");
+                }
             }
         }
     }

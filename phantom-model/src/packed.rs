@@ -1,0 +1,171 @@
+//! Quantized weights held as the CPU kernels read them, outside Burn's tensors.
+//!
+//! Burn's flex backend keeps a quantized tensor's block scales in a vector that every clone of
+//! the tensor copies, and a layer cannot hand its weight to a kernel without cloning it: a
+//! decode step would copy every scale of the model once more than it reads them. So on flex a
+//! quantized weight lives in its layer as a [`PackedWeight`] that the kernels borrow, and the
+//! layer's parameter is a lazy stand-in of the same shape ([`PackedWeight::param`]) that
+//! becomes Burn's quantized tensor only if something asks for its value (a module mapper,
+//! another device). The layers use the packed weight only while that stand-in is untouched,
+//! so a parameter replaced by a mapper is never shadowed by stale codes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use burn::module::{Param, ParamId};
+use burn::prelude::*;
+
+use crate::quantize::{BLOCK, Quantization, column_scheme, row_scheme, transpose_into};
+
+/// How the codes of a [`PackedWeight`] `[rows, cols]` are cut into blocks of [`BLOCK`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocks {
+    /// Down each column: a linear weight as Burn sees it, `[k, n]` (inputs × outputs).
+    DownColumns,
+    /// Along each row: a token embedding `[V, d]`.
+    AlongRows,
+}
+
+/// A quantized matrix as the CPU kernels read it: one `i8` code per value, row-major as Burn
+/// sees the matrix, and one scale per block in the blocks' row-major order. Cloning it shares
+/// the values.
+#[derive(Clone)]
+pub struct PackedWeight(Arc<Packed>);
+
+struct Packed {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    shape: [usize; 2],
+    blocks: Blocks,
+    scheme: Quantization,
+}
+
+impl fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("shape", &self.0.shape)
+            .field("blocks", &self.0.blocks)
+            .field("scheme", &self.0.scheme)
+            .finish()
+    }
+}
+
+impl PackedWeight {
+    /// A linear weight from its codes and scales in the checkpoint's order (`[n, k]` and
+    /// `[n, k / 32]`), laid out as Burn sees the weight: `[k, n]`, blocks down each column.
+    ///
+    /// # Panics
+    /// Unless there are `n·k` codes and `n·k/32` scales.
+    pub fn columns(codes: &[i8], scales: &[f32], n: usize, k: usize, scheme: Quantization) -> Self {
+        check_lengths(codes.len(), scales.len(), n, k);
+        Self(Arc::new(Packed {
+            codes: transpose_into(codes, n, k, Vec::new()),
+            scales: transpose_into(scales, n, k / BLOCK, Vec::new()),
+            shape: [k, n],
+            blocks: Blocks::DownColumns,
+            scheme,
+        }))
+    }
+
+    /// A table `[n, k]` (a token embedding) from its codes and scales (`[n, k / 32]`), kept in
+    /// that order, blocks along each row.
+    ///
+    /// # Panics
+    /// Unless there are `n·k` codes and `n·k/32` scales.
+    pub fn rows(
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+        n: usize,
+        k: usize,
+        scheme: Quantization,
+    ) -> Self {
+        check_lengths(codes.len(), scales.len(), n, k);
+        Self(Arc::new(Packed {
+            codes,
+            scales,
+            shape: [n, k],
+            blocks: Blocks::AlongRows,
+            scheme,
+        }))
+    }
+
+    /// The shape Burn sees: `[k, n]` for a linear weight, `[n, k]` for a table.
+    pub fn shape(&self) -> [usize; 2] {
+        self.0.shape
+    }
+
+    /// How the blocks lie.
+    pub fn blocks(&self) -> Blocks {
+        self.0.blocks
+    }
+
+    /// The codes, row-major in [`PackedWeight::shape`].
+    pub fn codes(&self) -> &[i8] {
+        &self.0.codes
+    }
+
+    /// One scale per block, the blocks in row-major order.
+    pub fn scales(&self) -> &[f32] {
+        &self.0.scales
+    }
+
+    /// The codes and scales in the checkpoint's order: `[n, k]` and `[n, k / 32]`.
+    pub fn parts(&self) -> (Vec<i8>, Vec<f32>) {
+        checkpoint_order(&self.0.codes, &self.0.scales, self.0.shape, self.0.blocks)
+    }
+
+    /// The same weight as Burn's quantized tensor data (a copy).
+    pub fn data(&self) -> TensorData {
+        let scheme = match self.0.blocks {
+            Blocks::DownColumns => column_scheme(self.0.scheme),
+            Blocks::AlongRows => row_scheme(self.0.scheme),
+        };
+        let mut codes = Vec::with_capacity(self.0.codes.len() + size_of_val(self.scales()) + 16);
+        codes.extend_from_slice(&self.0.codes);
+        TensorData::quantized(codes, self.0.shape, scheme, &self.0.scales, None)
+    }
+
+    /// The lazy stand-in for this weight as parameter `id` on `device`: its shape, and Burn's
+    /// quantized tensor of it once something asks for its value.
+    pub fn param<const D: usize>(&self, id: ParamId, device: &Device) -> Param<Tensor<D>> {
+        let packed = self.clone();
+        let shape = Shape::from(self.0.shape.to_vec());
+        Param::uninitialized(
+            id,
+            move |device, _| Tensor::<D>::from_data(packed.data(), device),
+            device.clone(),
+            false,
+            shape,
+        )
+    }
+}
+
+/// The codes and scales of a `[rows, cols]` matrix laid out as `blocks` says, in the
+/// checkpoint's order: `[n, k]` and `[n, k / 32]`.
+pub(crate) fn checkpoint_order(
+    codes: &[i8],
+    scales: &[f32],
+    [rows, cols]: [usize; 2],
+    blocks: Blocks,
+) -> (Vec<i8>, Vec<f32>) {
+    match blocks {
+        Blocks::DownColumns => (
+            transpose_into(codes, rows, cols, Vec::new()),
+            transpose_into(scales, rows / BLOCK, cols, Vec::new()),
+        ),
+        Blocks::AlongRows => (codes.to_vec(), scales.to_vec()),
+    }
+}
+
+/// The packed weights of a model by the id of the parameter each stands in for.
+pub type PackedWeights = HashMap<ParamId, PackedWeight>;
+
+/// # Panics
+/// Unless there are `n·k` codes and `n·k/32` scales.
+fn check_lengths(codes: usize, scales: usize, n: usize, k: usize) {
+    assert!(
+        codes == n * k && scales * BLOCK == n * k,
+        "{n}x{k} codes with one scale per block of {BLOCK}"
+    );
+}
