@@ -790,6 +790,8 @@ struct Codes {
 }
 
 /// A parameter's value as placed on its device.
+// One at a time, moved straight into its parameter: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Placed<const D: usize> {
     /// A tensor (float, or quantized on the GPUs).
     Tensor(Tensor<D>),
