@@ -9,6 +9,7 @@
 //! another device). The layers use the packed weight only while that stand-in is untouched,
 //! so a parameter replaced by a mapper is never shadowed by stale codes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -27,14 +28,80 @@ pub enum Blocks {
     AlongRows,
 }
 
-/// A quantized matrix as the CPU kernels read it: one `i8` code per value, row-major as Burn
+/// The codes of a quantized matrix `[rows, cols]` (row-major as Burn sees it) as a kernel
+/// reads them.
+#[derive(Clone, Copy, Debug)]
+pub enum Codes<'a> {
+    /// One `i8` code per value.
+    Bytes(&'a [i8]),
+    /// Two 4-bit codes per byte, each stored as `c + 8`: byte `(p, j)` holds row `2p`'s code
+    /// in its low nibble and row `2p + 1`'s in its high one (`[rows / 2, cols]`).
+    RowPairs(&'a [u8]),
+}
+
+impl<'a> Codes<'a> {
+    /// One `i8` per code, row-major: the codes themselves, or the row pairs unpacked (`cols`
+    /// codes a row).
+    pub fn bytes(self, cols: usize) -> Cow<'a, [i8]> {
+        match self {
+            Codes::Bytes(codes) => Cow::Borrowed(codes),
+            Codes::RowPairs(pairs) => Cow::Owned(unpack_row_pairs(pairs, cols)),
+        }
+    }
+}
+
+/// Codes `[rows, cols]` (`rows` even, each in `−8..=7`) packed two rows to a byte row
+/// ([`Codes::RowPairs`]).
+pub fn pack_row_pairs(codes: &[i8], cols: usize) -> Vec<u8> {
+    let nibble = |c: i8| (c.wrapping_add(8) as u8) & 0x0f;
+    codes
+        .chunks_exact(2 * cols)
+        .flat_map(|pair| {
+            let (even, odd) = pair.split_at(cols);
+            even.iter()
+                .zip(odd)
+                .map(move |(&lo, &hi)| nibble(lo) | (nibble(hi) << 4))
+        })
+        .collect()
+}
+
+/// [`pack_row_pairs`] undone: `[rows, cols]` codes.
+pub fn unpack_row_pairs(pairs: &[u8], cols: usize) -> Vec<i8> {
+    let mut codes = Vec::with_capacity(2 * pairs.len());
+    for row in pairs.chunks_exact(cols) {
+        codes.extend(row.iter().map(|&b| (b & 0x0f) as i8 - 8));
+        codes.extend(row.iter().map(|&b| (b >> 4) as i8 - 8));
+    }
+    codes
+}
+
+/// Whether the kernels read 4-bit linear weights two rows to a byte on this processor: the
+/// integer products of [`crate::kernels::vnni`] do; other kernels read one byte per code.
+fn row_pairs_read() -> bool {
+    #[cfg(all(feature = "cpu-kernels", target_arch = "x86_64"))]
+    {
+        crate::kernels::vnni::available()
+    }
+    #[cfg(not(all(feature = "cpu-kernels", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// A quantized matrix as the CPU kernels read it: its codes ([`Codes`]), row-major as Burn
 /// sees the matrix, and one scale per block in the blocks' row-major order. Cloning it shares
 /// the values.
 #[derive(Clone)]
 pub struct PackedWeight(Arc<Packed>);
 
+/// Owned [`Codes`].
+enum Stored {
+    Bytes(Vec<i8>),
+    RowPairs(Vec<u8>),
+}
+
 struct Packed {
-    codes: Vec<i8>,
+    codes: Stored,
     scales: Vec<f32>,
     shape: [usize; 2],
     blocks: Blocks,
@@ -53,14 +120,21 @@ impl fmt::Debug for PackedWeight {
 
 impl PackedWeight {
     /// A linear weight from its codes and scales in the checkpoint's order (`[n, k]` and
-    /// `[n, k / 32]`), laid out as Burn sees the weight: `[k, n]`, blocks down each column.
+    /// `[n, k / 32]`), laid out as Burn sees the weight: `[k, n]`, blocks down each column; 4-bit
+    /// codes two rows to a byte where the kernels read them so.
     ///
     /// # Panics
     /// Unless there are `n·k` codes and `n·k/32` scales.
     pub fn columns(codes: &[i8], scales: &[f32], n: usize, k: usize, scheme: Quantization) -> Self {
         check_lengths(codes.len(), scales.len(), n, k);
+        let codes_kn = transpose_into(codes, n, k, Vec::new());
+        let codes = if scheme == Quantization::Q4 && row_pairs_read() {
+            Stored::RowPairs(pack_row_pairs(&codes_kn, n))
+        } else {
+            Stored::Bytes(codes_kn)
+        };
         Self(Arc::new(Packed {
-            codes: transpose_into(codes, n, k, Vec::new()),
+            codes,
             scales: transpose_into(scales, n, k / BLOCK, Vec::new()),
             shape: [k, n],
             blocks: Blocks::DownColumns,
@@ -82,7 +156,7 @@ impl PackedWeight {
     ) -> Self {
         check_lengths(codes.len(), scales.len(), n, k);
         Self(Arc::new(Packed {
-            codes,
+            codes: Stored::Bytes(codes),
             scales,
             shape: [n, k],
             blocks: Blocks::AlongRows,
@@ -101,8 +175,11 @@ impl PackedWeight {
     }
 
     /// The codes, row-major in [`PackedWeight::shape`].
-    pub fn codes(&self) -> &[i8] {
-        &self.0.codes
+    pub fn codes(&self) -> Codes<'_> {
+        match &self.0.codes {
+            Stored::Bytes(codes) => Codes::Bytes(codes),
+            Stored::RowPairs(pairs) => Codes::RowPairs(pairs),
+        }
     }
 
     /// One scale per block, the blocks in row-major order.
@@ -112,7 +189,8 @@ impl PackedWeight {
 
     /// The codes and scales in the checkpoint's order: `[n, k]` and `[n, k / 32]`.
     pub fn parts(&self) -> (Vec<i8>, Vec<f32>) {
-        checkpoint_order(&self.0.codes, &self.0.scales, self.0.shape, self.0.blocks)
+        let codes = self.codes().bytes(self.0.shape[1]);
+        checkpoint_order(&codes, &self.0.scales, self.0.shape, self.0.blocks)
     }
 
     /// The same weight as Burn's quantized tensor data (a copy).
@@ -121,8 +199,10 @@ impl PackedWeight {
             Blocks::DownColumns => column_scheme(self.0.scheme),
             Blocks::AlongRows => row_scheme(self.0.scheme),
         };
-        let mut codes = Vec::with_capacity(self.0.codes.len() + size_of_val(self.scales()) + 16);
-        codes.extend_from_slice(&self.0.codes);
+        let bytes = self.codes().bytes(self.0.shape[1]);
+        // Room for the scales, which Burn appends to the codes' allocation.
+        let mut codes = Vec::with_capacity(bytes.len() + size_of_val(self.scales()) + 16);
+        codes.extend_from_slice(&bytes);
         TensorData::quantized(codes, self.0.shape, scheme, &self.0.scales, None)
     }
 

@@ -30,7 +30,7 @@ use half::{bf16, f16};
 
 pub use dot::MAX_ROWS;
 
-use crate::packed::{Blocks, PackedWeight, checkpoint_order};
+use crate::packed::{Blocks, Codes, PackedWeight, checkpoint_order};
 use crate::quantize::BLOCK;
 
 /// Threads the kernels split work over.
@@ -256,7 +256,7 @@ fn quantized_tensor_product(x: &Tensor<2>, w: &Tensor<2>, blocks: Blocks) -> Opt
         return None;
     }
     let codes = contiguous_values::<i8>(q.tensor())?;
-    quantized_product(x, codes, q.scales(), w.dims(), blocks)
+    quantized_product(x, Codes::Bytes(codes), q.scales(), w.dims(), blocks)
 }
 
 /// The product of `x` `[m, k]` with a packed weight: `x · W` for a linear weight (`[k, n]`,
@@ -270,7 +270,7 @@ pub fn packed_product(x: &Tensor<2>, w: &PackedWeight) -> Option<Tensor<2>> {
 /// as `blocks` says (`[k, n]` down columns, `[n, k]` along rows), by that layout's kernels.
 fn quantized_product(
     x: &Tensor<2>,
-    codes: &[i8],
+    codes: Codes<'_>,
     scales: &[f32],
     [rows, cols]: [usize; 2],
     blocks: Blocks,
@@ -283,14 +283,18 @@ fn quantized_product(
         Blocks::DownColumns => (rows, cols),
         Blocks::AlongRows => (cols, rows),
     };
-    if k != k_w || codes.len() != rows * cols || scales.len() * BLOCK != codes.len() {
+    let count = match codes {
+        Codes::Bytes(codes) => codes.len(),
+        Codes::RowPairs(pairs) => 2 * pairs.len(),
+    };
+    if k != k_w || count != rows * cols || scales.len() * BLOCK != count {
         return None;
     }
     let out_dtype = x.dtype();
     let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
     let y = match blocks {
         Blocks::DownColumns => quant::product(&xs, m, k, codes, scales, n),
-        Blocks::AlongRows => quant_rows::product(&xs, m, k, codes, scales, n),
+        Blocks::AlongRows => quant_rows::product(&xs, m, k, &codes.bytes(cols), scales, n),
     };
     Some(flex_tensor(y, [m, n], out_dtype))
 }
@@ -303,7 +307,7 @@ pub fn packed_gather(t: &PackedWeight, ids: &[usize], device: &Device) -> Option
         return None;
     }
     let [_, k] = t.shape();
-    let rows = quant_rows::gather(t.codes(), t.scales(), k, ids)?;
+    let rows = quant_rows::gather(&t.codes().bytes(k), t.scales(), k, ids)?;
     Some(flex_tensor(rows, [ids.len(), k], DType::F32))
 }
 

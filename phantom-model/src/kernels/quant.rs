@@ -15,6 +15,7 @@
 //! pair of activation codes.
 
 use super::dot::MAX_ROWS;
+use crate::packed::Codes;
 use crate::quantize::BLOCK;
 
 /// Codes of each of the [`ROWS`] rows widened at a time with AVX-512 (32 registers): the
@@ -457,7 +458,17 @@ pub(super) fn by_panels(
 
 /// The integer products of [`super::vnni`] where the processor has them (activations
 /// quantized per block); else [`matvec`] up to [`MAX_ROWS`] rows and [`matmul`] beyond.
-pub fn product(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+///
+/// 4-bit codes stored two rows to a byte ([`Codes::RowPairs`]) are read so by the integer
+/// products; the other kernels unpack them first.
+pub fn product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: Codes<'_>,
+    scales: &[f32],
+    n: usize,
+) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
         let integer = if m <= MAX_ROWS {
@@ -469,10 +480,11 @@ pub fn product(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: u
             return y;
         }
     }
+    let codes = codes.bytes(n);
     if m <= MAX_ROWS {
-        matvec(x, m, k, codes, scales, n)
+        matvec(x, m, k, &codes, scales, n)
     } else {
-        matmul(x, m, k, codes, scales, n)
+        matmul(x, m, k, &codes, scales, n)
     }
 }
 
@@ -493,6 +505,7 @@ pub fn quantizes_activations() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed::pack_row_pairs;
     use crate::quantize::Quantization;
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt as reference};
 
@@ -528,14 +541,25 @@ mod tests {
                 };
                 let e = worst(&float, &want);
                 assert!(e <= tol, "{scheme} {m}x{k}x{n}: off by {e}");
-                // What the model runs: the activations may be quantized too (`vnni.rs` checks those products exactly).
-                let e = worst(&product(&x, m, k, &codes_kn, &scales_kn, n), &want);
+                // What the model runs: the activations may be quantized too (`vnni.rs` checks
+                // those products exactly); 4-bit codes also two rows to a byte.
                 let tol = if quantizes_activations() {
                     0.02 * (k as f32).sqrt()
                 } else {
                     tol
                 };
-                assert!(e <= tol, "{scheme} {m}x{k}x{n}: the product off by {e}");
+                let pairs = pack_row_pairs(&codes_kn, n);
+                let mut layouts = vec![("bytes", Codes::Bytes(&codes_kn))];
+                if scheme == Quantization::Q4 {
+                    layouts.push(("row pairs", Codes::RowPairs(&pairs)));
+                }
+                for (layout, codes) in layouts {
+                    let e = worst(&product(&x, m, k, codes, &scales_kn, n), &want);
+                    assert!(
+                        e <= tol,
+                        "{scheme} {layout} {m}x{k}x{n}: the product off by {e}"
+                    );
+                }
             }
         }
     }

@@ -6,8 +6,12 @@
 //!
 //! The activations are quantized like the weights ([`super::activations`]): a block's integer
 //! sum is exact, and only the activations' rounding (at most half a step of 1/127 of the
-//! block's largest value) separates the result from the product with the dequantized weights. `vpdpbusd` takes one operand unsigned, so the weight codes are
-//! shifted by 128 as they are packed and `128 · Σ x` is taken off each block's sum.
+//! block's largest value) separates the result from the product with the dequantized weights.
+//! `vpdpbusd` takes one operand unsigned, so the weight codes are shifted by 128 as they are
+//! packed and `128 · Σ x` is taken off each block's sum. 4-bit codes stored two rows to a byte
+//! ([`Codes::RowPairs`], each `c + 8`) are unsigned already: a decode step splits each byte
+//! into its two rows' codes with a mask and a shift and takes `8 · Σ x` off instead, reading
+//! half the bytes; a prompt's panel packing unpacks them to the 8-bit layout.
 //!
 //! Only on x86-64. Prompts and vision tiles ([`matmul`]) pack a panel of weight codes at a
 //! time for a register-blocked micro kernel; a decode step's few rows ([`matvec`]) stream the
@@ -16,6 +20,7 @@
 //! f32 before its FMA.
 
 use super::activations::quantize_activations;
+use crate::packed::Codes;
 use crate::quantize::BLOCK;
 
 /// Rows of a micro tile: six rows by two registers of sums, in integers and in f32, fit in the
@@ -42,7 +47,7 @@ pub fn available() -> bool {
 /// side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), and the scales
 /// `[k / 32][NR]`. Columns past `n` get code 0 (byte 128) and scale 0.
 fn pack_panel(
-    codes: &[i8],
+    codes: Codes<'_>,
     scales: &[f32],
     k: usize,
     n: usize,
@@ -51,16 +56,33 @@ fn pack_panel(
     out_scales: &mut [f32],
 ) {
     let width = NR.min(n - j0);
-    if width == NR {
-        for g in 0..k / GROUP {
-            let rows: [&[i8]; GROUP] =
-                std::array::from_fn(|t| &codes[(g * GROUP + t) * n + j0..][..NR]);
-            // SAFETY: `available()` (checked by the only caller) detected AVX-512, which
-            // implies the SSE2 this uses; each row holds `NR` codes and the group 128 bytes.
-            unsafe { x86::interleave(rows, &mut out[g * GROUP * NR..][..GROUP * NR]) };
+    match codes {
+        Codes::Bytes(codes) if width == NR => {
+            for g in 0..k / GROUP {
+                let rows: [&[i8]; GROUP] =
+                    std::array::from_fn(|t| &codes[(g * GROUP + t) * n + j0..][..NR]);
+                // SAFETY: `available()` (checked by the only caller) detected AVX-512, which
+                // implies the SSE2 this uses; each row holds `NR` codes and the group 128 bytes.
+                unsafe { x86::interleave(rows, &mut out[g * GROUP * NR..][..GROUP * NR]) };
+            }
         }
-    } else {
-        pack_panel_scalar(codes, k, n, j0, width, out);
+        Codes::RowPairs(pairs) if width == NR => {
+            for g in 0..k / GROUP {
+                // The group's four rows from their two byte rows.
+                let mut unpacked = [[0i8; NR]; GROUP];
+                for (h, rows) in unpacked.chunks_exact_mut(2).enumerate() {
+                    let bytes = &pairs[(g * GROUP / 2 + h) * n + j0..][..NR];
+                    for (j, &b) in bytes.iter().enumerate() {
+                        rows[0][j] = (b & 0x0f) as i8 - 8;
+                        rows[1][j] = (b >> 4) as i8 - 8;
+                    }
+                }
+                let rows: [&[i8]; GROUP] = std::array::from_fn(|t| &unpacked[t][..]);
+                // SAFETY: as above.
+                unsafe { x86::interleave(rows, &mut out[g * GROUP * NR..][..GROUP * NR]) };
+            }
+        }
+        _ => pack_panel_scalar(codes, k, n, j0, width, out),
     }
     for (b, s) in out_scales.chunks_exact_mut(NR).enumerate() {
         s[..width].copy_from_slice(&scales[b * n + j0..b * n + j0 + width]);
@@ -69,13 +91,24 @@ fn pack_panel(
 }
 
 /// [`pack_panel`]'s codes one at a time, for a panel narrower than [`NR`].
-fn pack_panel_scalar(codes: &[i8], k: usize, n: usize, j0: usize, width: usize, out: &mut [u8]) {
+fn pack_panel_scalar(
+    codes: Codes<'_>,
+    k: usize,
+    n: usize,
+    j0: usize,
+    width: usize,
+    out: &mut [u8],
+) {
+    let code = |i: usize, j: usize| match codes {
+        Codes::Bytes(codes) => codes[i * n + j],
+        Codes::RowPairs(pairs) => (pairs[i / 2 * n + j] >> (4 * (i % 2)) & 0x0f) as i8 - 8,
+    };
     for g in 0..k / GROUP {
         for j in 0..NR {
             for t in 0..GROUP {
                 let i = g * GROUP + t;
                 out[(g * NR + j) * GROUP + t] = if j < width {
-                    (codes[i * n + j0 + j] as u8) ^ 0x80
+                    (code(i, j0 + j) as u8) ^ 0x80
                 } else {
                     0x80
                 };
@@ -91,11 +124,11 @@ pub fn matmul(
     x: &[f32],
     m: usize,
     k: usize,
-    codes: &[i8],
+    codes: Codes<'_>,
     scales: &[f32],
     n: usize,
 ) -> Option<Vec<f32>> {
-    debug_assert_eq!(codes.len(), k * n);
+    debug_assert_eq!(count(codes), k * n);
     debug_assert_eq!(scales.len(), k * n / BLOCK);
     debug_assert!(k.is_multiple_of(BLOCK));
     if !available() {
@@ -156,11 +189,11 @@ pub fn matvec(
     x: &[f32],
     m: usize,
     k: usize,
-    codes: &[i8],
+    codes: Codes<'_>,
     scales: &[f32],
     n: usize,
 ) -> Option<Vec<f32>> {
-    debug_assert_eq!(codes.len(), k * n);
+    debug_assert_eq!(count(codes), k * n);
     debug_assert_eq!(scales.len(), k * n / BLOCK);
     if !available() {
         return None;
@@ -168,8 +201,27 @@ pub fn matvec(
     let activations = quantize_activations(x, m, k);
     Some(super::quant::by_code_rows(m, k, n, |range, out| {
         // SAFETY: `available()` detected every feature the kernel enables.
-        unsafe { x86::code_rows(&activations, m, k, (codes, scales, n), range, out) }
+        unsafe {
+            match codes {
+                Codes::Bytes(codes) => {
+                    let codes = (codes.as_ptr().cast::<u8>(), codes.len());
+                    x86::code_rows::<false>(&activations, m, k, (codes, scales, n), range, out)
+                }
+                Codes::RowPairs(pairs) => {
+                    let codes = (pairs.as_ptr(), pairs.len());
+                    x86::code_rows::<true>(&activations, m, k, (codes, scales, n), range, out)
+                }
+            }
+        }
     }))
+}
+
+/// How many codes `codes` holds.
+fn count(codes: Codes<'_>) -> usize {
+    match codes {
+        Codes::Bytes(codes) => codes.len(),
+        Codes::RowPairs(pairs) => 2 * pairs.len(),
+    }
 }
 
 mod x86 {
@@ -240,50 +292,71 @@ mod x86 {
     }
 
     /// Adds the products of code rows `i0..i1` (whole blocks) of the weight `(codes, scales,
-    /// n)` with the quantized activations `a` (`m` rows) into `out` (`[m, n]`). Per block, the
-    /// integer sums `[m, n]` start at minus each row's shift offset; each pass adds eight code
-    /// rows, 64 columns at a time interleaved in registers (columns past the last whole tile one
-    /// at a time, in order); then the sums are weighted by both scales into `out`.
+    /// n)` with the quantized activations `a` (`m` rows) into `out` (`[m, n]`). The codes are
+    /// `(pointer, bytes)`: one `i8` per code, or with `PAIRS` two rows to a byte
+    /// ([`Codes::RowPairs`]). Per block, the integer sums `[m, n]` start at minus each row's
+    /// shift offset; each pass adds eight code rows, 64 columns at a time interleaved in
+    /// registers (columns past the last whole tile one at a time, in order); then the sums are
+    /// weighted by both scales into `out`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn code_rows(
+    pub(super) unsafe fn code_rows<const PAIRS: bool>(
         a: &Activations,
         m: usize,
         k: usize,
-        (codes, scales, n): (&[i8], &[f32], usize),
+        ((codes, bytes), scales, n): ((*const u8, usize), &[f32], usize),
         (i0, i1): (usize, usize),
         out: &mut [f32],
     ) {
-        debug_assert!(codes.len() >= k * n && scales.len() >= k / BLOCK * n);
+        debug_assert!(bytes * if PAIRS { 2 } else { 1 } >= k * n);
+        debug_assert!(scales.len() >= k / BLOCK * n);
         debug_assert!(a.codes.len() >= m * k && out.len() >= m * n && i1 <= k);
+        // The byte row holding code row `i`, and the shift of its codes within the byte.
+        let byte_row = |i: usize| if PAIRS { i / 2 } else { i };
+        // Row pairs store `c + 8` (their offset is 8·Σx, a sixteenth of the 8-bit codes').
+        let offset_shift = if PAIRS { 4 } else { 0 };
         let blocks = k / BLOCK;
         let full = n / TILE * TILE;
         let shift = _mm512_set1_epi8(i8::MIN);
+        let low = _mm512_set1_epi8(0x0f);
         let mut sums = vec![0i32; m * n];
         for b0 in (i0..i1).step_by(BLOCK) {
             let b = b0 / BLOCK;
             for (r, row) in sums.chunks_exact_mut(n).enumerate() {
-                row.fill(-a.offsets[r * blocks + b]);
+                row.fill(-(a.offsets[r * blocks + b] >> offset_shift));
             }
             for i in (b0..b0 + BLOCK).step_by(PASS) {
                 for t0 in (0..full).step_by(TILE) {
-                    // SAFETY: code rows `i..i + 8` hold `n ≥ t0 + 64` codes each.
-                    let row = |q: usize| unsafe {
-                        let p = codes.as_ptr().add((i + q) * n + t0);
-                        _mm512_xor_si512(_mm512_loadu_si512(p.cast()), shift)
+                    // SAFETY: byte rows `byte_row(i)..byte_row(i + 8)` hold `n ≥ t0 + 64`
+                    // bytes each.
+                    let load = |q: usize| unsafe {
+                        _mm512_loadu_si512(codes.add(byte_row(i + q) * n + t0).cast())
                     };
-                    // The next pass's rows, a pass ahead of their loads.
+                    // The rows of the pass after next, ahead of their loads.
                     if i + AHEAD * PASS < i1 {
-                        for q in 0..PASS {
+                        for q in (0..PASS).step_by(if PAIRS { 2 } else { 1 }) {
                             // SAFETY: a prefetch reads nothing; the address lies in `codes`.
                             unsafe {
-                                let p = codes.as_ptr().add((i + AHEAD * PASS + q) * n + t0);
+                                let p = codes.add(byte_row(i + AHEAD * PASS + q) * n + t0);
                                 _mm_prefetch::<PREFETCH>(p.cast());
                             }
                         }
                     }
+                    let rows: [__m512i; PASS] = if PAIRS {
+                        let pairs: [__m512i; PASS / 2] = std::array::from_fn(|h| load(2 * h));
+                        std::array::from_fn(|q| {
+                            let v = pairs[q / 2];
+                            if q % 2 == 0 {
+                                _mm512_and_si512(v, low)
+                            } else {
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
+                            }
+                        })
+                    } else {
+                        std::array::from_fn(|q| _mm512_xor_si512(load(q), shift))
+                    };
                     let w: [[__m512i; 4]; PASS / GROUP] = std::array::from_fn(|h| {
                         let g = GROUP * h;
-                        interleave_tile([row(g), row(g + 1), row(g + 2), row(g + 3)])
+                        interleave_tile([rows[g], rows[g + 1], rows[g + 2], rows[g + 3]])
                     });
                     for r in 0..m {
                         // SAFETY: row `r`'s activation codes `i..i + 8` and its sums
@@ -305,8 +378,15 @@ mod x86 {
                     }
                 }
                 for j in full..n {
-                    let column: [i32; PASS] =
-                        std::array::from_fn(|q| i32::from((codes[(i + q) * n + j] as u8) ^ 0x80));
+                    let column: [i32; PASS] = std::array::from_fn(|q| {
+                        // SAFETY: byte `j` of byte row `byte_row(i + q)` lies in `codes`.
+                        let byte = unsafe { *codes.add(byte_row(i + q) * n + j) };
+                        i32::from(if PAIRS {
+                            (byte >> (4 * (q % 2))) & 0x0f
+                        } else {
+                            byte ^ 0x80
+                        })
+                    });
                     for r in 0..m {
                         let x = &a.codes[r * k + i..r * k + i + PASS];
                         let dot: i32 = x.iter().zip(&column).map(|(&x, &c)| i32::from(x) * c).sum();
@@ -408,6 +488,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::activations::Activations;
+    use crate::packed::pack_row_pairs;
     use crate::quantize::Quantization;
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt};
 
@@ -472,8 +553,21 @@ mod tests {
                 let a = quantize_activations(&x, m, k);
                 let exact = reference(&a, m, k, &codes, &scales, n);
                 let float = x_wt(&x, m, k, &dequantized, n);
-                let prompt = matmul(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
-                let decode = matvec(&x, m, k, &codes_kn, &scales_kn, n).expect("available");
+                let bytes = Codes::Bytes(&codes_kn);
+                let prompt = matmul(&x, m, k, bytes, &scales_kn, n).expect("available");
+                let decode = matvec(&x, m, k, bytes, &scales_kn, n).expect("available");
+                if scheme == Quantization::Q4 {
+                    // Two rows to a byte: the same integer sums.
+                    let pairs = pack_row_pairs(&codes_kn, n);
+                    let pairs = Codes::RowPairs(&pairs);
+                    for (kernel, got, want) in [
+                        ("matmul", matmul(&x, m, k, pairs, &scales_kn, n), &prompt),
+                        ("matvec", matvec(&x, m, k, pairs, &scales_kn, n), &decode),
+                    ] {
+                        let got = got.expect("available");
+                        assert_eq!(&got, want, "{kernel} row pairs {m}x{k}x{n}");
+                    }
+                }
                 for (kernel, got) in [("matmul", prompt), ("matvec", decode)] {
                     let what = format!("{kernel} {scheme} {m}x{k}x{n}");
                     let e = worst(&got, &exact);
@@ -497,9 +591,10 @@ mod tests {
         for n in [2, 64] {
             let codes = vec![1i8; 64 * n];
             let scales = vec![1.0; 2 * n];
-            let y = matmul(&x, 1, 64, &codes, &scales, n).expect("available");
+            let codes = Codes::Bytes(&codes);
+            let y = matmul(&x, 1, 64, codes, &scales, n).expect("available");
             assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
-            let y = matvec(&x, 1, 64, &codes, &scales, n).expect("available");
+            let y = matvec(&x, 1, 64, codes, &scales, n).expect("available");
             assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
         }
     }
