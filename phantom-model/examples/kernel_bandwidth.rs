@@ -51,7 +51,7 @@ fn main() {
 /// model keeps them): decode bandwidth, and the product with a 128-token prompt.
 fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
     use phantom_model::kernels::quant::{matmul, matvec, product};
-    use phantom_model::packed::{Codes, pack_row_pairs};
+    use phantom_model::packed::{Codes, pack_half_blocks, pack_row_pairs};
     use phantom_model::quantize::{Quantization, quantize_host};
     let stack: Vec<(Vec<i8>, Vec<f32>)> = weights
         .iter()
@@ -131,7 +131,7 @@ fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
                 &x[..k],
                 1,
                 k,
-                codes,
+                Codes::Bytes(codes),
                 scales,
                 n,
             ));
@@ -141,6 +141,35 @@ fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
     println!(
         "q8 rows (tied head): {:.1} GB/s ({:.1} ms per pass)",
         bytes as f64 / best / 1e9,
+        best * 1e3
+    );
+    // The same rows in 4 bits, a block's two halves to a byte.
+    let halves: Vec<(Vec<u8>, &Vec<f32>)> = rows
+        .iter()
+        .map(|(codes, scales)| {
+            let q4: Vec<i8> = codes.iter().map(|&c| c.clamp(-7, 7)).collect();
+            (pack_half_blocks(&q4), scales)
+        })
+        .collect();
+    let half_bytes: usize = halves.iter().map(|(c, s)| c.len() + 4 * s.len()).sum();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for (codes, scales) in &halves {
+            std::hint::black_box(phantom_model::kernels::quant_rows::matvec(
+                &x[..k],
+                1,
+                k,
+                Codes::HalfBlocks(codes),
+                scales,
+                n,
+            ));
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "q4 rows in half blocks (tied head): {:.1} GB/s ({:.1} ms per pass)",
+        half_bytes as f64 / best / 1e9,
         best * 1e3
     );
     let m = 128;

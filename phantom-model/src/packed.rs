@@ -37,6 +37,10 @@ pub enum Codes<'a> {
     /// Two 4-bit codes per byte, each stored as `c + 8`: byte `(p, j)` holds row `2p`'s code
     /// in its low nibble and row `2p + 1`'s in its high one (`[rows / 2, cols]`).
     RowPairs(&'a [u8]),
+    /// Two 4-bit codes per byte along each row, each stored as `c + 8`: a block of 32 codes
+    /// takes 16 bytes, byte `t` holding code `t` in its low nibble and code `t + 16` in its
+    /// high one (`[rows, cols / 2]`).
+    HalfBlocks(&'a [u8]),
 }
 
 impl<'a> Codes<'a> {
@@ -46,8 +50,42 @@ impl<'a> Codes<'a> {
         match self {
             Codes::Bytes(codes) => Cow::Borrowed(codes),
             Codes::RowPairs(pairs) => Cow::Owned(unpack_row_pairs(pairs, cols)),
+            Codes::HalfBlocks(halves) => Cow::Owned(unpack_half_blocks(halves)),
         }
     }
+
+    /// How many codes there are.
+    pub fn count(self) -> usize {
+        match self {
+            Codes::Bytes(codes) => codes.len(),
+            Codes::RowPairs(packed) | Codes::HalfBlocks(packed) => 2 * packed.len(),
+        }
+    }
+}
+
+/// Codes (each in `−8..=7`, in blocks of [`BLOCK`]) packed a block's two halves to a byte
+/// ([`Codes::HalfBlocks`]).
+pub fn pack_half_blocks(codes: &[i8]) -> Vec<u8> {
+    let nibble = |c: i8| (c.wrapping_add(8) as u8) & 0x0f;
+    codes
+        .chunks_exact(BLOCK)
+        .flat_map(|block| {
+            let (low, high) = block.split_at(BLOCK / 2);
+            low.iter()
+                .zip(high)
+                .map(move |(&lo, &hi)| nibble(lo) | (nibble(hi) << 4))
+        })
+        .collect()
+}
+
+/// [`pack_half_blocks`] undone.
+pub fn unpack_half_blocks(halves: &[u8]) -> Vec<i8> {
+    let mut codes = Vec::with_capacity(2 * halves.len());
+    for block in halves.chunks_exact(BLOCK / 2) {
+        codes.extend(block.iter().map(|&b| (b & 0x0f) as i8 - 8));
+        codes.extend(block.iter().map(|&b| (b >> 4) as i8 - 8));
+    }
+    codes
 }
 
 /// Codes `[rows, cols]` (`rows` even, each in `−8..=7`) packed two rows to a byte row
@@ -88,6 +126,12 @@ fn row_pairs_read() -> bool {
     }
 }
 
+/// Whether the kernels read 4-bit tables a block's two halves to a byte: the native row
+/// kernels do; WebAssembly's integer row products read one byte per code.
+fn half_blocks_read() -> bool {
+    cfg!(all(feature = "cpu-kernels", not(target_family = "wasm")))
+}
+
 /// A quantized matrix as the CPU kernels read it: its codes ([`Codes`]), row-major as Burn
 /// sees the matrix, and one scale per block in the blocks' row-major order. Cloning it shares
 /// the values.
@@ -98,6 +142,7 @@ pub struct PackedWeight(Arc<Packed>);
 enum Stored {
     Bytes(Vec<i8>),
     RowPairs(Vec<u8>),
+    HalfBlocks(Vec<u8>),
 }
 
 struct Packed {
@@ -143,7 +188,8 @@ impl PackedWeight {
     }
 
     /// A table `[n, k]` (a token embedding) from its codes and scales (`[n, k / 32]`), kept in
-    /// that order, blocks along each row.
+    /// that order, blocks along each row; 4-bit codes a block's two halves to a byte where the
+    /// kernels read them so.
     ///
     /// # Panics
     /// Unless there are `n·k` codes and `n·k/32` scales.
@@ -155,8 +201,13 @@ impl PackedWeight {
         scheme: Quantization,
     ) -> Self {
         check_lengths(codes.len(), scales.len(), n, k);
+        let codes = if scheme == Quantization::Q4 && half_blocks_read() {
+            Stored::HalfBlocks(pack_half_blocks(&codes))
+        } else {
+            Stored::Bytes(codes)
+        };
         Self(Arc::new(Packed {
-            codes: Stored::Bytes(codes),
+            codes,
             scales,
             shape: [n, k],
             blocks: Blocks::AlongRows,
@@ -179,6 +230,7 @@ impl PackedWeight {
         match &self.0.codes {
             Stored::Bytes(codes) => Codes::Bytes(codes),
             Stored::RowPairs(pairs) => Codes::RowPairs(pairs),
+            Stored::HalfBlocks(halves) => Codes::HalfBlocks(halves),
         }
     }
 

@@ -283,10 +283,7 @@ fn quantized_product(
         Blocks::DownColumns => (rows, cols),
         Blocks::AlongRows => (cols, rows),
     };
-    let count = match codes {
-        Codes::Bytes(codes) => codes.len(),
-        Codes::RowPairs(pairs) => 2 * pairs.len(),
-    };
+    let count = codes.count();
     if k != k_w || count != rows * cols || scales.len() * BLOCK != count {
         return None;
     }
@@ -294,7 +291,7 @@ fn quantized_product(
     let xs = activations(x.clone().try_into_primitive::<Flex>().ok()?)?;
     let y = match blocks {
         Blocks::DownColumns => quant::product(&xs, m, k, codes, scales, n),
-        Blocks::AlongRows => quant_rows::product(&xs, m, k, &codes.bytes(cols), scales, n),
+        Blocks::AlongRows => quant_rows::product(&xs, m, k, codes, scales, n),
     };
     Some(flex_tensor(y, [m, n], out_dtype))
 }
@@ -307,7 +304,7 @@ pub fn packed_gather(t: &PackedWeight, ids: &[usize], device: &Device) -> Option
         return None;
     }
     let [_, k] = t.shape();
-    let rows = quant_rows::gather(&t.codes().bytes(k), t.scales(), k, ids)?;
+    let rows = quant_rows::gather(t.codes(), t.scales(), k, ids)?;
     Some(flex_tensor(rows, [ids.len(), k], DType::F32))
 }
 
@@ -361,12 +358,21 @@ mod tests {
                 let x = values(m * k, 8 + m as u64);
                 let hidden = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
                 let want = x_wt(&x, m, k, &dense, n);
+                // A decode step with the packed 4-bit table may quantize the activations
+                // (`vnni.rs` checks those products exactly).
+                let integer =
+                    scheme == Quantization::Q4 && m <= MAX_ROWS && quant::quantizes_activations();
                 for (path, y) in [
                     ("packed", packed_product(&hidden, &packed)),
                     ("tensor", quantized_table_product(&hidden, &table)),
                 ] {
+                    let tol = if integer && path == "packed" {
+                        0.02 * (k as f32).sqrt()
+                    } else {
+                        1e-4
+                    };
                     let e = worst(&gather_values(y.expect("the kernel path")), &want);
-                    assert!(e < 1e-4, "{scheme} head ({path}), {m} rows: off by {e}");
+                    assert!(e < tol, "{scheme} head ({path}), {m} rows: off by {e}");
                 }
             }
         }

@@ -488,9 +488,10 @@ pub fn product(
     }
 }
 
-/// Whether every product of quantized weights quantizes its activations per block
-/// ([`super::vnni`]) on this processor. (In WebAssembly only the decode products do, which
-/// this does not report: the tests that read it run natively.)
+/// Whether every product of quantized linear weights, and a decode step's product with a
+/// 4-bit tied head, quantizes its activations per block ([`super::vnni`]) on this processor.
+/// (In WebAssembly only the decode products do, which this does not report: the tests that
+/// read it run natively.)
 pub fn quantizes_activations() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -12,6 +12,7 @@
 //! [`gather`] reads whole rows, as an embedding lookup does.
 
 use super::dot::MAX_ROWS;
+use crate::packed::Codes;
 use crate::quantize::BLOCK;
 
 /// Lanes of one accumulator: an AVX-512 register, two AVX2 ones.
@@ -31,22 +32,44 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// The dot products of one code row (`codes`, `k` values, with its `scales`) with the
-/// activation rows `x` (each `k` values).
+/// Block `b` of a code row (`row`: one byte per code, or with `HALVES` a block's two halves
+/// to a byte, [`Codes::HalfBlocks`]) widened to f32.
+#[inline(always)]
+fn widen_block<const HALVES: bool>(row: &[u8], b: usize) -> [f32; BLOCK] {
+    if HALVES {
+        let c: &[u8; BLOCK / 2] = row[b * BLOCK / 2..(b + 1) * BLOCK / 2]
+            .try_into()
+            .expect("a whole block");
+        let mut w = [0.0f32; BLOCK];
+        let (low, high) = w.split_at_mut(BLOCK / 2);
+        for ((l, h), &byte) in low.iter_mut().zip(high).zip(c) {
+            *l = f32::from((byte & 0x0f) as i8 - 8);
+            *h = f32::from((byte >> 4) as i8 - 8);
+        }
+        w
+    } else {
+        let c: &[u8; BLOCK] = row[b * BLOCK..(b + 1) * BLOCK]
+            .try_into()
+            .expect("a whole block");
+        std::array::from_fn(|t| f32::from(c[t] as i8))
+    }
+}
+
+/// The dot products of one code row (`row`, `k` codes as [`widen_block`] reads them, with
+/// its `scales`) with the activation rows `x` (each `k` values).
 #[cfg_attr(
     all(target_arch = "wasm32", target_feature = "simd128"),
     allow(dead_code)
 )]
 #[inline(always)]
-fn dot_row<const R: usize, const FMA: bool>(
+fn dot_row<const R: usize, const FMA: bool, const HALVES: bool>(
     x: [&[f32]; R],
-    codes: &[i8],
+    row: &[u8],
     scales: &[f32],
 ) -> [f32; R] {
     let mut acc = [[0.0f32; LANES]; R];
-    for (b, (c, &s)) in codes.chunks_exact(BLOCK).zip(scales).enumerate() {
-        let c: &[i8; BLOCK] = c.try_into().expect("a whole block");
-        let w: [f32; BLOCK] = std::array::from_fn(|t| f32::from(c[t]));
+    for (b, &s) in scales.iter().enumerate() {
+        let w = widen_block::<HALVES>(row, b);
         for (r, xr) in x.iter().enumerate() {
             let xb: &[f32; BLOCK] = xr[b * BLOCK..(b + 1) * BLOCK]
                 .try_into()
@@ -70,29 +93,30 @@ fn dot_row<const R: usize, const FMA: bool>(
     allow(dead_code)
 )]
 #[inline(always)]
-fn rows_body<const FMA: bool>(
+fn rows_body<const FMA: bool, const HALVES: bool>(
     x: &[f32],
     m: usize,
     k: usize,
-    codes: &[i8],
-    scales: &[f32],
+    (codes, scales): (&[u8], &[f32]),
     j0: usize,
     out: &mut [f32],
 ) {
     let blocks = k / BLOCK;
+    let stride = if HALVES { k / 2 } else { k };
     for (t, o) in out.chunks_exact_mut(m).enumerate() {
         let j = j0 + t;
-        let c = &codes[j * k..(j + 1) * k];
+        let c = &codes[j * stride..(j + 1) * stride];
         let s = &scales[j * blocks..(j + 1) * blocks];
         let mut r0 = 0;
         while r0 < m {
             let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
             let take = (m - r0).min(4);
+            let o = &mut o[r0..r0 + take];
             match take {
-                1 => o[r0..r0 + 1].copy_from_slice(&dot_row::<1, FMA>([xr(0)], c, s)),
-                2 => o[r0..r0 + 2].copy_from_slice(&dot_row::<2, FMA>([xr(0), xr(1)], c, s)),
-                3 => o[r0..r0 + 3].copy_from_slice(&dot_row::<3, FMA>([xr(0), xr(1), xr(2)], c, s)),
-                _ => o[r0..r0 + 4].copy_from_slice(&dot_row::<4, FMA>(
+                1 => o.copy_from_slice(&dot_row::<1, FMA, HALVES>([xr(0)], c, s)),
+                2 => o.copy_from_slice(&dot_row::<2, FMA, HALVES>([xr(0), xr(1)], c, s)),
+                3 => o.copy_from_slice(&dot_row::<3, FMA, HALVES>([xr(0), xr(1), xr(2)], c, s)),
+                _ => o.copy_from_slice(&dot_row::<4, FMA, HALVES>(
                     [xr(0), xr(1), xr(2), xr(3)],
                     c,
                     s,
@@ -103,18 +127,42 @@ fn rows_body<const FMA: bool>(
     }
 }
 
+/// [`rows_body`] for the codes' layout.
+#[cfg_attr(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    allow(dead_code)
+)]
+#[inline(always)]
+fn rows_any<const FMA: bool>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    (codes, scales): (Codes<'_>, &[f32]),
+    j0: usize,
+    out: &mut [f32],
+) {
+    match codes {
+        Codes::HalfBlocks(halves) => rows_body::<FMA, true>(x, m, k, (halves, scales), j0, out),
+        Codes::Bytes(codes) => {
+            let codes: &[u8] = bytemuck::cast_slice(codes);
+            rows_body::<FMA, false>(x, m, k, (codes, scales), j0, out)
+        }
+        // A linear weight's layout, which `matvec` turns away.
+        Codes::RowPairs(_) => {}
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn rows_avx512(
     x: &[f32],
     m: usize,
     k: usize,
-    codes: &[i8],
-    scales: &[f32],
+    weight: (Codes<'_>, &[f32]),
     j0: usize,
     out: &mut [f32],
 ) {
-    rows_body::<true>(x, m, k, codes, scales, j0, out);
+    rows_any::<true>(x, m, k, weight, j0, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -123,24 +171,57 @@ unsafe fn rows_avx2(
     x: &[f32],
     m: usize,
     k: usize,
-    codes: &[i8],
-    scales: &[f32],
+    weight: (Codes<'_>, &[f32]),
     j0: usize,
     out: &mut [f32],
 ) {
-    rows_body::<true>(x, m, k, codes, scales, j0, out);
+    rows_any::<true>(x, m, k, weight, j0, out);
 }
 
-/// `y = x · (c·s)ᵀ` for `x` `[m, k]` (f32, row-major), codes `[n, k]` and scales `[n, k / 32]`:
-/// `y` is `[m, n]`. `k` must be a multiple of 32. Each code row is read once, whatever `m`.
-pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+/// `y = x · (c·s)ᵀ` for `x` `[m, k]` (f32, row-major), codes `[n, k]` (one byte each, or a
+/// block's two halves to a byte) and scales `[n, k / 32]`: `y` is `[m, n]`. `k` must be a
+/// multiple of 32. Each code row is read once, whatever `m`; 4-bit codes in integers where the
+/// processor has the VNNI products ([`super::vnni::half_block_rows`]).
+pub fn matvec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: Codes<'_>,
+    scales: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(y) = super::vnni::half_block_rows(x, m, k, codes, scales, n) {
+        return y;
+    }
+    widened_matvec(x, m, k, codes, scales, n)
+}
+
+/// [`matvec`] with each block's codes widened to f32 (in WebAssembly, summed in integers).
+fn widened_matvec(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: Codes<'_>,
+    scales: &[f32],
+    n: usize,
+) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(codes.len(), n * k);
+    debug_assert_eq!(codes.count(), n * k);
     debug_assert_eq!(scales.len(), n * k / BLOCK);
     debug_assert!(k.is_multiple_of(BLOCK));
     if m == 0 || n == 0 || k == 0 {
         return vec![0.0; m * n];
     }
+    let unpacked;
+    let codes = match codes {
+        // A linear weight's layout: read one byte per code.
+        Codes::RowPairs(_) => {
+            unpacked = codes.bytes(k);
+            Codes::Bytes(&unpacked)
+        }
+        codes => codes,
+    };
     let per_task = super::dot::rows_per_task(n, k);
     // Each task's outputs `[rows, m]`, transposed to `[m, n]` at the end.
     let mut by_row = vec![0.0f32; n * m];
@@ -148,8 +229,9 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
     {
         let a = super::activations::quantize_activations(x, m, k);
         let widened = wasm::widen(&a.codes);
+        let codes = codes.bytes(k);
         super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
-            let codes = (codes, scales);
+            let codes = (&codes[..], scales);
             wasm::rows((&widened, &a.scales), m, k, codes, task * per_task, out);
         });
     }
@@ -160,10 +242,10 @@ pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: us
         match isa() {
             // SAFETY: `isa()` chose these only after detecting every feature they enable.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { rows_avx512(x, m, k, codes, scales, j0, out) },
+            Isa::Avx512 => unsafe { rows_avx512(x, m, k, (codes, scales), j0, out) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { rows_avx2(x, m, k, codes, scales, j0, out) },
-            Isa::Portable => rows_body::<false>(x, m, k, codes, scales, j0, out),
+            Isa::Avx2 => unsafe { rows_avx2(x, m, k, (codes, scales), j0, out) },
+            Isa::Portable => rows_any::<false>(x, m, k, (codes, scales), j0, out),
         }
     });
     super::dot::row_major(by_row, m, n)
@@ -240,48 +322,56 @@ mod wasm {
 }
 
 /// [`matvec`] up to [`MAX_ROWS`] rows; beyond, panels of rows dequantized for the GEMM.
-pub fn product(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+pub fn product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: Codes<'_>,
+    scales: &[f32],
+    n: usize,
+) -> Vec<f32> {
     if m <= MAX_ROWS {
         return matvec(x, m, k, codes, scales, n);
     }
-    let blocks = k / BLOCK;
     super::quant::by_panels(x, m, k, n, |j, row| {
-        dequantize_row(
-            &codes[j * k..(j + 1) * k],
-            &scales[j * blocks..(j + 1) * blocks],
-            row,
-        );
+        dequantize_row(codes, scales, k, j, row)
     })
 }
 
-/// Row `codes` (with its block `scales`) as f32 values in `out`.
-fn dequantize_row(codes: &[i8], scales: &[f32], out: &mut [f32]) {
-    for ((o, c), &s) in out
-        .chunks_exact_mut(BLOCK)
-        .zip(codes.chunks_exact(BLOCK))
-        .zip(scales)
-    {
-        for (o, &c) in o.iter_mut().zip(c) {
-            *o = f32::from(c) * s;
+/// Row `j` of the table (codes and scales, rows of `k`) as f32 values in `out`.
+fn dequantize_row(codes: Codes<'_>, scales: &[f32], k: usize, j: usize, out: &mut [f32]) {
+    let blocks = k / BLOCK;
+    let scales = &scales[j * blocks..(j + 1) * blocks];
+    let (row, halves): (&[u8], bool) = match codes {
+        Codes::Bytes(codes) => (bytemuck::cast_slice(&codes[j * k..(j + 1) * k]), false),
+        Codes::HalfBlocks(halves) => (&halves[j * k / 2..(j + 1) * k / 2], true),
+        Codes::RowPairs(_) => return out.fill(f32::NAN),
+    };
+    for (b, (o, &s)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
+        let w = if halves {
+            widen_block::<true>(row, b)
+        } else {
+            widen_block::<false>(row, b)
+        };
+        for (o, w) in o.iter_mut().zip(w) {
+            *o = w * s;
         }
     }
 }
 
 /// The rows `ids` of the table (codes `[n, k]`, scales `[n, k / 32]`) dequantized,
-/// `[ids.len(), k]`; `None` if an id is not below `n`.
-pub fn gather(codes: &[i8], scales: &[f32], k: usize, ids: &[usize]) -> Option<Vec<f32>> {
-    let n = codes.len() / k.max(1);
+/// `[ids.len(), k]`; `None` if an id is not below `n`, or for a linear weight's layout.
+pub fn gather(codes: Codes<'_>, scales: &[f32], k: usize, ids: &[usize]) -> Option<Vec<f32>> {
+    if matches!(codes, Codes::RowPairs(_)) {
+        return None;
+    }
+    let n = codes.count() / k.max(1);
     if ids.iter().any(|&id| id >= n) {
         return None;
     }
-    let blocks = k / BLOCK;
     let mut out = vec![0.0f32; ids.len() * k];
     for (o, &id) in out.chunks_exact_mut(k.max(1)).zip(ids) {
-        dequantize_row(
-            &codes[id * k..(id + 1) * k],
-            &scales[id * blocks..(id + 1) * blocks],
-            o,
-        );
+        dequantize_row(codes, scales, k, id, o);
     }
     Some(out)
 }
@@ -289,6 +379,7 @@ pub fn gather(codes: &[i8], scales: &[f32], k: usize, ids: &[usize]) -> Option<V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed::pack_half_blocks;
     use crate::quantize::{Quantization, dequantize_host, quantize_host};
     use crate::testing::{quantized_weight, values, worst, x_wt};
 
@@ -309,11 +400,32 @@ mod tests {
             let x = values(m * k, 3 + k as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
                 let w = quantized_weight(n, k, 4 + n as u64, scheme);
-                let (codes, scales) = (&w.codes, &w.scales);
                 let want = x_wt(&x, m, k, &w.dequantized, n);
                 let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
-                let e = worst(&product(&x, m, k, codes, scales, n), &want);
-                assert!(e <= tol, "{scheme} {m}x{k}x{n}: off by {e}");
+                let halves = pack_half_blocks(&w.codes);
+                let mut layouts = vec![("bytes", Codes::Bytes(&w.codes))];
+                if scheme == Quantization::Q4 {
+                    layouts.push(("half blocks", Codes::HalfBlocks(&halves)));
+                }
+                for (layout, codes) in layouts {
+                    let what = format!("{scheme} {layout} {m}x{k}x{n}");
+                    if m <= MAX_ROWS {
+                        let e = worst(&widened_matvec(&x, m, k, codes, &w.scales, n), &want);
+                        assert!(e <= tol, "{what}: widened, off by {e}");
+                    }
+                    // What the model runs: a decode step with 4-bit codes may quantize the
+                    // activations (`vnni.rs` checks those products exactly).
+                    let integer = matches!(codes, Codes::HalfBlocks(_))
+                        && m <= MAX_ROWS
+                        && super::super::quant::quantizes_activations();
+                    let tol = if integer {
+                        0.02 * (k as f32).sqrt()
+                    } else {
+                        tol
+                    };
+                    let e = worst(&product(&x, m, k, codes, &w.scales, n), &want);
+                    assert!(e <= tol, "{what}: off by {e}");
+                }
             }
         }
     }
@@ -324,13 +436,16 @@ mod tests {
         let (codes, scales) = quantize_host(&values(n * k, 9), k, Quantization::Q4);
         let table = dequantize_host(&codes, &scales, k);
         let ids = [3, 0, 49, 3];
-        let got = gather(&codes, &scales, k, &ids).expect("ids in range");
         let want: Vec<f32> = ids
             .iter()
             .flat_map(|&id| table[id * k..(id + 1) * k].to_vec())
             .collect();
-        assert_eq!(got, want);
-        assert!(gather(&codes, &scales, k, &[50]).is_none());
+        let halves = pack_half_blocks(&codes);
+        for codes in [Codes::Bytes(&codes), Codes::HalfBlocks(&halves)] {
+            let got = gather(codes, &scales, k, &ids).expect("ids in range");
+            assert_eq!(got, want, "{codes:?}");
+            assert!(gather(codes, &scales, k, &[50]).is_none());
+        }
     }
 
     #[test]
@@ -338,7 +453,7 @@ mod tests {
         let (m, k, n) = (2, 64, 3);
         let (codes, mut scales) = quantize_host(&values(n * k, 5), k, Quantization::Q8);
         scales[2] = f32::NAN; // row 1, block 0
-        let y = product(&values(m * k, 6), m, k, &codes, &scales, n);
+        let y = product(&values(m * k, 6), m, k, Codes::Bytes(&codes), &scales, n);
         assert!(y[1].is_nan() && y[n + 1].is_nan(), "{y:?}");
         assert!(y[0].is_finite() && y[2].is_finite());
     }

@@ -102,6 +102,8 @@ fn pack_panel_scalar(
     let code = |i: usize, j: usize| match codes {
         Codes::Bytes(codes) => codes[i * n + j],
         Codes::RowPairs(pairs) => (pairs[i / 2 * n + j] >> (4 * (i % 2)) & 0x0f) as i8 - 8,
+        // A table's layout: `matmul` turns it away.
+        Codes::HalfBlocks(_) => 0,
     };
     for g in 0..k / GROUP {
         for j in 0..NR {
@@ -128,10 +130,10 @@ pub fn matmul(
     scales: &[f32],
     n: usize,
 ) -> Option<Vec<f32>> {
-    debug_assert_eq!(count(codes), k * n);
+    debug_assert_eq!(codes.count(), k * n);
     debug_assert_eq!(scales.len(), k * n / BLOCK);
     debug_assert!(k.is_multiple_of(BLOCK));
-    if !available() {
+    if !available() || matches!(codes, Codes::HalfBlocks(_)) {
         return None;
     }
     if m == 0 || n == 0 || k == 0 {
@@ -193,9 +195,9 @@ pub fn matvec(
     scales: &[f32],
     n: usize,
 ) -> Option<Vec<f32>> {
-    debug_assert_eq!(count(codes), k * n);
+    debug_assert_eq!(codes.count(), k * n);
     debug_assert_eq!(scales.len(), k * n / BLOCK);
-    if !available() {
+    if !available() || matches!(codes, Codes::HalfBlocks(_)) {
         return None;
     }
     let activations = quantize_activations(x, m, k);
@@ -211,17 +213,51 @@ pub fn matvec(
                     let codes = (pairs.as_ptr(), pairs.len());
                     x86::code_rows::<true>(&activations, m, k, (codes, scales, n), range, out)
                 }
+                // A table's layout, turned away above.
+                Codes::HalfBlocks(_) => {}
             }
         }
     }))
 }
 
-/// How many codes `codes` holds.
-fn count(codes: Codes<'_>) -> usize {
-    match codes {
-        Codes::Bytes(codes) => codes.len(),
-        Codes::RowPairs(pairs) => 2 * pairs.len(),
+/// `y = x · (c·s)ᵀ` for a 4-bit table laid out row-major, a block's two halves to a byte
+/// (`[n, k / 2]`, [`Codes::HalfBlocks`]), scales `[n, k / 32]` ([`super::quant_rows`]): the
+/// tied LM head of a decode step's few rows. Each table row is read once, two blocks a
+/// `vpdpbusd` (the codes `c + 8` unsigned as they lie), into integer sums that start at minus
+/// `8 · Σ x`; the rows are split between the cores. Widening the nibbles to f32 instead costs
+/// more than reading them. `None` where the processor lacks the VNNI products, or for any
+/// other layout.
+pub fn half_block_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: Codes<'_>,
+    scales: &[f32],
+    n: usize,
+) -> Option<Vec<f32>> {
+    let Codes::HalfBlocks(halves) = codes else {
+        return None;
+    };
+    debug_assert_eq!(2 * halves.len(), n * k);
+    debug_assert_eq!(scales.len(), n * k / BLOCK);
+    if !available() {
+        return None;
     }
+    if m == 0 || n == 0 || k == 0 {
+        return Some(vec![0.0; m * n]);
+    }
+    let a = quantize_activations(x, m, k);
+    // `8 · Σ x` of each block (a sixteenth of the activations' `128 · Σ x`) spread over the
+    // block's eight lanes.
+    let lane_offsets: Vec<i32> = a.offsets.iter().map(|&o| o / 128).collect();
+    let per_task = super::dot::rows_per_task(n, k);
+    let mut by_row = vec![0.0f32; n * m];
+    super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
+        let table = (halves, scales);
+        // SAFETY: `available()` detected every feature the kernel enables.
+        unsafe { x86::half_block_rows(&a, &lane_offsets, m, k, table, task * per_task, out) }
+    });
+    Some(super::dot::row_major(by_row, m, n))
 }
 
 mod x86 {
@@ -422,6 +458,77 @@ mod x86 {
         }
     }
 
+    /// Fills `out` (`[rows, m]`) with the products of the table rows from `j0` (half blocks)
+    /// and the `m` quantized activation rows `a` (`lane_offsets`: each block's offset per lane,
+    /// see [`super::half_block_rows`]): two blocks a step, their sums weighted by both scales
+    /// lane by lane, a last odd block in scalars.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn half_block_rows(
+        a: &Activations,
+        lane_offsets: &[i32],
+        m: usize,
+        k: usize,
+        (halves, scales): (&[u8], &[f32]),
+        j0: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = k / BLOCK;
+        let stride = k / 2;
+        debug_assert!(halves.len() >= (j0 + out.len() / m) * stride);
+        let low = _mm256_set1_epi8(0x0f);
+        for (t, o) in out.chunks_exact_mut(m).enumerate() {
+            let j = j0 + t;
+            let row = &halves[j * stride..(j + 1) * stride];
+            let s = &scales[j * blocks..(j + 1) * blocks];
+            // Blocks `2p` and `2p + 1` of the row as unsigned codes, in order.
+            let pair = |p: usize| {
+                // SAFETY: the two blocks' 32 bytes lie within the row.
+                let v = unsafe { _mm256_loadu_si256(row.as_ptr().add(32 * p).cast()) };
+                let lo = _mm256_and_si256(v, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                // [lo(2p) lo(2p+1) hi(2p) hi(2p+1)] → [lo(2p) hi(2p) lo(2p+1) hi(2p+1)].
+                let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                _mm512_shuffle_i64x2::<0b11_01_10_00>(both, both)
+            };
+            for (r, o) in o.iter_mut().enumerate() {
+                let ax = &a.codes[r * k..(r + 1) * k];
+                let (xs, offs) = (&a.scales[r * blocks..], &lane_offsets[r * blocks..]);
+                let mut acc = _mm512_setzero_ps();
+                for p in 0..blocks / 2 {
+                    let (b0, b1) = (2 * p, 2 * p + 1);
+                    // SAFETY: the activation codes of blocks `2p`, `2p + 1`: 64 bytes.
+                    let x = unsafe { _mm512_loadu_si512(ax.as_ptr().add(64 * p).cast()) };
+                    let start = _mm512_mask_blend_epi32(
+                        0xff00,
+                        _mm512_set1_epi32(-offs[b0]),
+                        _mm512_set1_epi32(-offs[b1]),
+                    );
+                    let dot = _mm512_dpbusd_epi32(start, pair(p), x);
+                    let scale = _mm512_mask_blend_ps(
+                        0xff00,
+                        _mm512_set1_ps(s[b0] * xs[b0]),
+                        _mm512_set1_ps(s[b1] * xs[b1]),
+                    );
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+                }
+                let mut total = _mm512_reduce_add_ps(acc);
+                if blocks % 2 == 1 {
+                    // The last block: signed codes times the activation codes.
+                    let b = blocks - 1;
+                    let dot: i32 = (0..BLOCK)
+                        .map(|i| {
+                            let byte = row[b * BLOCK / 2 + i % (BLOCK / 2)];
+                            let c = ((byte >> (4 * (i / (BLOCK / 2)))) & 0x0f) as i8 - 8;
+                            i32::from(c) * i32::from(ax[b * BLOCK + i])
+                        })
+                        .sum();
+                    total += dot as f32 * (s[b] * xs[b]);
+                }
+                *o = total;
+            }
+        }
+    }
+
     /// Rows `r0..r0 + R` of one panel's outputs into `out` (`[R, NR]`): per block of 32
     /// inputs, eight `vpdpbusd` steps into integer sums, which are shifted back, converted and
     /// added into the f32 sums weighted by both scales.
@@ -488,7 +595,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::activations::Activations;
-    use crate::packed::pack_row_pairs;
+    use crate::packed::{pack_half_blocks, pack_row_pairs};
     use crate::quantize::Quantization;
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt};
 
@@ -582,6 +689,33 @@ mod tests {
     }
 
     #[test]
+    fn half_block_table_products_equal_the_products_of_both_codes() {
+        if !available() {
+            return;
+        }
+        // An odd last block, one task's rows and many, one to eight activation rows.
+        for (m, k, n) in [
+            (1, 32, 3),
+            (2, 96, 40),
+            (1, 896, 1000),
+            (8, 160, 77),
+            (3, 64, 1),
+        ] {
+            let x = values(m * k, 21 + k as u64);
+            let w = quantized_weight(n, k, 22 + n as u64, Quantization::Q4);
+            let a = quantize_activations(&x, m, k);
+            let exact = reference(&a, m, k, &w.codes, &w.scales, n);
+            let halves = pack_half_blocks(&w.codes);
+            let codes = Codes::HalfBlocks(&halves);
+            let got = half_block_rows(&x, m, k, codes, &w.scales, n).expect("available");
+            let e = worst(&got, &exact);
+            assert!(e <= 1e-5 * (k as f32).sqrt(), "{m}x{k}x{n}: off by {e}");
+        }
+        let bytes = Codes::Bytes(&[0; 32]);
+        assert!(half_block_rows(&[0.0; 32], 1, 32, bytes, &[1.0], 1).is_none());
+    }
+
+    #[test]
     fn a_nan_activation_reaches_every_output() {
         if !available() {
             return;
@@ -596,6 +730,9 @@ mod tests {
             assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
             let y = matvec(&x, 1, 64, codes, &scales, n).expect("available");
             assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
+            let halves = vec![0x99u8; 32 * n];
+            let y = half_block_rows(&x, 1, 64, Codes::HalfBlocks(&halves), &scales, n);
+            assert!(y.expect("available").iter().all(|v| v.is_nan()));
         }
     }
 }
