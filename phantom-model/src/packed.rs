@@ -63,19 +63,43 @@ impl<'a> Codes<'a> {
     }
 }
 
+/// A 4-bit code (`−8..=7`) as a nibble, `c + 8`.
+fn nibble(c: i8) -> u8 {
+    (c.wrapping_add(8) as u8) & 0x0f
+}
+
 /// Codes (each in `−8..=7`, in blocks of [`BLOCK`]) packed a block's two halves to a byte
 /// ([`Codes::HalfBlocks`]).
 pub fn pack_half_blocks(codes: &[i8]) -> Vec<u8> {
-    let nibble = |c: i8| (c.wrapping_add(8) as u8) & 0x0f;
-    codes
-        .chunks_exact(BLOCK)
-        .flat_map(|block| {
-            let (low, high) = block.split_at(BLOCK / 2);
+    // Sized up front: a collected flat map would grow to the next power of two and keep it.
+    let mut halves = Vec::with_capacity(codes.len() / 2);
+    for block in codes.chunks_exact(BLOCK) {
+        let (low, high) = block.split_at(BLOCK / 2);
+        halves.extend(
             low.iter()
                 .zip(high)
-                .map(move |(&lo, &hi)| nibble(lo) | (nibble(hi) << 4))
-        })
-        .collect()
+                .map(|(&lo, &hi)| nibble(lo) | (nibble(hi) << 4)),
+        );
+    }
+    halves
+}
+
+/// 4-bit codes as a checkpoint stores them (two to a byte, the even one in the low nibble,
+/// each as `c + 8`; a whole number of blocks) regrouped a block's two halves to a byte
+/// ([`Codes::HalfBlocks`]) without unpacking them.
+pub fn half_blocks_from_pairs(pairs: &[u8]) -> Vec<u8> {
+    let mut halves = Vec::with_capacity(pairs.len());
+    for block in pairs.chunks_exact(BLOCK / 2) {
+        // Code t sits in byte t / 2 of its half, low nibble when t is even.
+        let (low, high) = block.split_at(BLOCK / 4);
+        for t in 0..BLOCK / 2 {
+            let shift = 4 * (t % 2);
+            let lo = (low[t / 2] >> shift) & 0x0f;
+            let hi = (high[t / 2] >> shift) & 0x0f;
+            halves.push(lo | (hi << 4));
+        }
+    }
+    halves
 }
 
 /// [`pack_half_blocks`] undone.
@@ -91,16 +115,16 @@ pub fn unpack_half_blocks(halves: &[u8]) -> Vec<i8> {
 /// Codes `[rows, cols]` (`rows` even, each in `−8..=7`) packed two rows to a byte row
 /// ([`Codes::RowPairs`]).
 pub fn pack_row_pairs(codes: &[i8], cols: usize) -> Vec<u8> {
-    let nibble = |c: i8| (c.wrapping_add(8) as u8) & 0x0f;
-    codes
-        .chunks_exact(2 * cols)
-        .flat_map(|pair| {
-            let (even, odd) = pair.split_at(cols);
+    let mut pairs = Vec::with_capacity(codes.len() / 2);
+    for pair in codes.chunks_exact(2 * cols) {
+        let (even, odd) = pair.split_at(cols);
+        pairs.extend(
             even.iter()
                 .zip(odd)
-                .map(move |(&lo, &hi)| nibble(lo) | (nibble(hi) << 4))
-        })
-        .collect()
+                .map(|(&lo, &hi)| nibble(lo) | (nibble(hi) << 4)),
+        );
+    }
+    pairs
 }
 
 /// [`pack_row_pairs`] undone: `[rows, cols]` codes.
@@ -215,6 +239,29 @@ impl PackedWeight {
         }))
     }
 
+    /// A 4-bit table `[n, k]` as [`PackedWeight::rows`] makes it, from the codes as the
+    /// checkpoint stores them (two to a byte, [`Quantization::pack`]): where the kernels read
+    /// a block's two halves to a byte the bytes are regrouped directly, so that a large table
+    /// is never held a byte per code.
+    ///
+    /// # Panics
+    /// Unless there are `n·k / 2` bytes and `n·k/32` scales.
+    pub fn q4_rows(pairs: &[u8], scales: Vec<f32>, n: usize, k: usize) -> Self {
+        check_lengths(2 * pairs.len(), scales.len(), n, k);
+        let codes = if half_blocks_read() {
+            Stored::HalfBlocks(half_blocks_from_pairs(pairs))
+        } else {
+            Stored::Bytes(Quantization::Q4.unpack(pairs, n * k))
+        };
+        Self(Arc::new(Packed {
+            codes,
+            scales,
+            shape: [n, k],
+            blocks: Blocks::AlongRows,
+            scheme: Quantization::Q4,
+        }))
+    }
+
     /// The shape Burn sees: `[k, n]` for a linear weight, `[n, k]` for a table.
     pub fn shape(&self) -> [usize; 2] {
         self.0.shape
@@ -300,4 +347,44 @@ fn check_lengths(codes: usize, scales: usize, n: usize, k: usize) {
         codes == n * k && scales * BLOCK == n * k,
         "{n}x{k} codes with one scale per block of {BLOCK}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Codes covering `−7..=7` (what a checkpoint holds) in an order that tells neighbours
+    /// apart.
+    fn codes(count: usize) -> Vec<i8> {
+        (0..count)
+            .map(|i| ((i * 7 + i / 5) % 15) as i8 - 7)
+            .collect()
+    }
+
+    #[test]
+    fn nibble_layouts_round_trip_and_hold_no_spare_room() {
+        let (rows, cols) = (6, 3 * BLOCK);
+        let c = codes(rows * cols);
+        let halves = pack_half_blocks(&c);
+        assert_eq!(
+            (halves.len(), halves.capacity()),
+            (c.len() / 2, c.len() / 2)
+        );
+        assert_eq!(unpack_half_blocks(&halves), c);
+        let pairs = pack_row_pairs(&c, cols);
+        assert_eq!((pairs.len(), pairs.capacity()), (c.len() / 2, c.len() / 2));
+        assert_eq!(unpack_row_pairs(&pairs, cols), c);
+    }
+
+    #[test]
+    fn stored_pairs_regroup_into_the_half_blocks_of_their_codes() {
+        let c = codes(5 * BLOCK);
+        let stored = Quantization::Q4.pack(&c);
+        assert_eq!(half_blocks_from_pairs(&stored), pack_half_blocks(&c));
+        let scales = vec![0.5; c.len() / BLOCK];
+        let table = PackedWeight::q4_rows(&stored, scales.clone(), 5, BLOCK);
+        let reference = PackedWeight::rows(c.clone(), scales, 5, BLOCK, Quantization::Q4);
+        assert_eq!(table.codes().bytes(BLOCK), c);
+        assert_eq!(table.parts(), reference.parts());
+    }
 }

@@ -116,15 +116,37 @@ impl Quantization {
         }
     }
 
-    /// Codes read back from their stored bytes; `count` codes.
-    pub fn unpack(self, bytes: &[u8], count: usize) -> Vec<i8> {
+    /// The first stored code outside `−max_code..=max_code` (−128 in q8, −8 in q4), read
+    /// from the stored bytes without unpacking them.
+    pub fn first_bad_code(self, bytes: &[u8]) -> Option<i8> {
         match self {
-            Self::Q8 => bytes.iter().map(|&b| b as i8).collect(),
+            Self::Q8 => bytes.iter().map(|&b| b as i8).find(|&c| c == i8::MIN),
+            // A nibble of 0 is the code −8.
             Self::Q4 => bytes
                 .iter()
-                .flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8])
-                .take(count)
-                .collect(),
+                .any(|&b| b & 0x0f == 0 || b >> 4 == 0)
+                .then_some(-8),
+        }
+    }
+
+    /// Codes read back from their stored bytes; `count` codes.
+    pub fn unpack(self, bytes: &[u8], count: usize) -> Vec<i8> {
+        // Sized up front: a collected flat map would grow to the next power of two.
+        let mut codes = Vec::with_capacity(count);
+        self.unpack_into(bytes, count, &mut codes);
+        codes
+    }
+
+    /// [`Quantization::unpack`] appending to `codes`: at most `count` codes.
+    pub fn unpack_into(self, bytes: &[u8], count: usize, codes: &mut Vec<i8>) {
+        match self {
+            Self::Q8 => codes.extend(bytes.iter().take(count).map(|&b| b as i8)),
+            Self::Q4 => codes.extend(
+                bytes
+                    .iter()
+                    .flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8])
+                    .take(count),
+            ),
         }
     }
 }
@@ -315,15 +337,15 @@ pub fn dequantize_host(codes: &[i8], scales: &[f32], k: usize) -> Vec<f32> {
         "rows of {k} inputs, one scale per block of {BLOCK}"
     );
     let blocks = k / BLOCK;
-    codes
-        .chunks(k)
-        .enumerate()
-        .flat_map(|(j, row)| {
+    let mut values = Vec::with_capacity(codes.len());
+    for (row, row_scales) in codes.chunks(k).zip(scales.chunks(blocks)) {
+        values.extend(
             row.iter()
                 .enumerate()
-                .map(move |(i, &c)| f32::from(c) * scales[j * blocks + i / BLOCK])
-        })
-        .collect()
+                .map(|(i, &c)| f32::from(c) * row_scales[i / BLOCK]),
+        );
+    }
+    values
 }
 
 #[cfg(test)]

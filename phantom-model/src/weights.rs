@@ -295,6 +295,11 @@ impl Part {
     /// Tells the OS that a converted tensor's pages will not be read again, so that they leave
     /// this process's memory instead of sitting next to their converted copy.
     fn release(&self, entry: &Entry) {
+        self.release_range(entry, 0, entry.end - entry.start);
+    }
+
+    /// [`Part::release`] for `len` bytes of the entry from byte `from`.
+    fn release_range(&self, entry: &Entry, from: usize, len: usize) {
         #[cfg(all(unix, not(target_family = "wasm")))]
         if let Some(map) = &self.map {
             // SAFETY: the map is private and never written, so dropping its pages only means
@@ -303,13 +308,27 @@ impl Part {
             let _ = unsafe {
                 map.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
-                    entry.start,
-                    entry.end - entry.start,
+                    entry.start + from,
+                    len,
                 )
             };
         }
         #[cfg(not(all(unix, not(target_family = "wasm"))))]
-        let _ = entry;
+        let _ = (entry, from, len);
+    }
+
+    /// The `count` codes of a quantized entry unpacked a stretch at a time, each stretch's
+    /// pages released once read: the token embeddings would otherwise sit in memory twice,
+    /// as the file's pages and as codes.
+    fn unpack_releasing(&self, entry: &Entry, scheme: Quantization, count: usize) -> Vec<i8> {
+        // Bytes a stretch (even, so that a 4-bit stretch holds whole pairs).
+        const STRETCH: usize = 8 << 20;
+        let mut codes = Vec::with_capacity(count);
+        for (i, stretch) in self.data(entry).chunks(STRETCH).enumerate() {
+            scheme.unpack_into(stretch, count - codes.len(), &mut codes);
+            self.release_range(entry, i * STRETCH, stretch.len());
+        }
+        codes
     }
 
     fn parse(storage: Storage, name: &str) -> Result<Self> {
@@ -738,9 +757,8 @@ impl Filler<'_> {
             ));
             return None;
         }
-        let codes = q.scheme.unpack(part.data(entry), n * k);
-        let max = q.scheme.max_code();
-        if let Some(bad) = codes.iter().find(|c| c.unsigned_abs() > max as u8) {
+        if let Some(bad) = q.scheme.first_bad_code(part.data(entry)) {
+            let max = q.scheme.max_code();
             self.problems.push(format!(
                 "{key}: a code is {bad}, outside the {} range {}..={max}",
                 q.scheme, -max
@@ -757,7 +775,20 @@ impl Filler<'_> {
             ));
             return None;
         }
-        part.release(entry);
+        if q.scheme == Quantization::Q4
+            && role == Role::Matrix
+            && self.native_quantized
+            && self.out_in
+        {
+            // The 4-bit embeddings on flex (as `place_quantized` would pack them), regrouped
+            // from the stored bytes: unpacked, the vocabulary's codes would take twice the
+            // packed table.
+            let table = PackedWeight::q4_rows(part.data(entry), scale_values, n, k);
+            part.release(entry);
+            part.release(scales);
+            return Some(Placed::Packed(table));
+        }
+        let codes = part.unpack_releasing(entry, q.scheme, n * k);
         part.release(scales);
         Some(place_quantized(
             &self.device,
