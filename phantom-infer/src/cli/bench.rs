@@ -216,13 +216,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             (steps as f64 / counted.as_secs_f64()).into();
     }
 
+    // Read before the bandwidth measurement, whose buffer is not the model's.
+    report["peak_rss_mb"] = peak_rss_mb().into();
     // A decode step reads every decoder weight once (the tied head reuses the embedding).
     let weight_bytes = params_decoder as f64 * args.dtype.bytes() as f64;
     let bandwidth = read_bandwidth_gbs();
     report["weight_bytes_per_token"] = weight_bytes.into();
     report["read_bandwidth_gbs"] = bandwidth.into();
     report["decode_bound_tokens_per_s"] = (bandwidth * 1e9 / weight_bytes).into();
-    report["peak_rss_mb"] = peak_rss_mb().into();
     println!("{report}");
     Ok(())
 }
