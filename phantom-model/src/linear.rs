@@ -169,33 +169,12 @@ fn relayout(linear: &mut Linear) {
     linear.weight = weight.map(column_major);
 }
 
-/// Lays the projection weights of `model` (vision tower, projector, decoder, untied head) out
-/// for [`linear`] when it lives on flex; elsewhere it leaves them as they are. Loading and
-/// [`PhantomModel::new`] call it.
+/// Lays every linear weight of `model` ([`every_linear`]) out for [`linear`] when it lives on
+/// flex; elsewhere it leaves them as they are. Loading and [`PhantomModel::new`] call it.
 pub fn prepare(model: &mut PhantomModel) {
     let device = model.language_model.model.embed_tokens.weight.lazy_device();
-    if !wants_out_in(&device) {
-        return;
-    }
-    for layer in &mut model.vision_model.encoder.layers {
-        relayout(&mut layer.attn.qkv);
-        relayout(&mut layer.attn.proj);
-        relayout(&mut layer.mlp.fc1);
-        relayout(&mut layer.mlp.fc2);
-    }
-    relayout(&mut model.vision_proj.fc1);
-    relayout(&mut model.vision_proj.fc2);
-    let lm = &mut model.language_model;
-    for layer in &mut lm.model.layers {
-        let attn = &mut layer.self_attn;
-        attn.qkv.linears_mut().into_iter().for_each(relayout);
-        relayout(&mut attn.o_proj);
-        let mlp = &mut layer.mlp;
-        mlp.gate_up.linears_mut().into_iter().for_each(relayout);
-        relayout(&mut mlp.down_proj);
-    }
-    if let Some(head) = &mut lm.lm_head {
-        relayout(head);
+    if wants_out_in(&device) {
+        every_linear(model).into_iter().for_each(relayout);
     }
 }
 
