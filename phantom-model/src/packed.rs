@@ -17,7 +17,9 @@ use std::sync::Arc;
 use burn::module::{Param, ParamId};
 use burn::prelude::*;
 
-use crate::quantize::{BLOCK, Quantization, column_scheme, row_scheme, transpose_into};
+use crate::quantize::{
+    BLOCK, Quantization, column_scheme, nibble, nibble_code, row_scheme, transpose_into,
+};
 
 /// How the codes of a [`PackedWeight`] `[rows, cols]` are cut into blocks of [`BLOCK`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,11 +65,6 @@ impl<'a> Codes<'a> {
     }
 }
 
-/// A 4-bit code (`−8..=7`) as a nibble, `c + 8`.
-fn nibble(c: i8) -> u8 {
-    (c.wrapping_add(8) as u8) & 0x0f
-}
-
 /// Codes (each in `−8..=7`, in blocks of [`BLOCK`]) packed a block's two halves to a byte
 /// ([`Codes::HalfBlocks`]).
 pub fn pack_half_blocks(codes: &[i8]) -> Vec<u8> {
@@ -106,8 +103,8 @@ pub fn half_blocks_from_pairs(pairs: &[u8]) -> Vec<u8> {
 pub fn unpack_half_blocks(halves: &[u8]) -> Vec<i8> {
     let mut codes = Vec::with_capacity(2 * halves.len());
     for block in halves.chunks_exact(BLOCK / 2) {
-        codes.extend(block.iter().map(|&b| (b & 0x0f) as i8 - 8));
-        codes.extend(block.iter().map(|&b| (b >> 4) as i8 - 8));
+        codes.extend(block.iter().map(|&b| nibble_code(b)));
+        codes.extend(block.iter().map(|&b| nibble_code(b >> 4)));
     }
     codes
 }
@@ -131,8 +128,8 @@ pub fn pack_row_pairs(codes: &[i8], cols: usize) -> Vec<u8> {
 pub fn unpack_row_pairs(pairs: &[u8], cols: usize) -> Vec<i8> {
     let mut codes = Vec::with_capacity(2 * pairs.len());
     for row in pairs.chunks_exact(cols) {
-        codes.extend(row.iter().map(|&b| (b & 0x0f) as i8 - 8));
-        codes.extend(row.iter().map(|&b| (b >> 4) as i8 - 8));
+        codes.extend(row.iter().map(|&b| nibble_code(b)));
+        codes.extend(row.iter().map(|&b| nibble_code(b >> 4)));
     }
     codes
 }
@@ -211,24 +208,31 @@ impl PackedWeight {
         }))
     }
 
-    /// A table `[n, k]` (a token embedding) from its codes and scales (`[n, k / 32]`), kept in
-    /// that order, blocks along each row; 4-bit codes a block's two halves to a byte where the
-    /// kernels read them so.
+    /// A table `[n, k]` (a token embedding) from its codes as the checkpoint stores them
+    /// ([`Quantization::pack`]) and its scales (`[n, k / 32]`), kept in that order, blocks
+    /// along each row. 4-bit codes are regrouped a block's two halves to a byte where the
+    /// kernels read them so, straight from the stored pairs: a large table is never held a
+    /// byte per code on the way.
     ///
     /// # Panics
-    /// Unless there are `n·k` codes and `n·k/32` scales.
+    /// Unless the bytes hold `n·k` codes and there are `n·k/32` scales.
     pub fn rows(
-        codes: Vec<i8>,
+        stored: Cow<'_, [u8]>,
         scales: Vec<f32>,
         n: usize,
         k: usize,
         scheme: Quantization,
     ) -> Self {
-        check_lengths(codes.len(), scales.len(), n, k);
-        let codes = if scheme == Quantization::Q4 && half_blocks_read() {
-            Stored::HalfBlocks(pack_half_blocks(&codes))
-        } else {
-            Stored::Bytes(codes)
+        check_lengths(stored.len() * 8 / scheme.bits(), scales.len(), n, k);
+        let codes = match scheme {
+            // The same bytes read as signed codes, in place.
+            Quantization::Q8 => {
+                Stored::Bytes(stored.into_owned().into_iter().map(|b| b as i8).collect())
+            }
+            Quantization::Q4 if half_blocks_read() => {
+                Stored::HalfBlocks(half_blocks_from_pairs(&stored))
+            }
+            Quantization::Q4 => Stored::Bytes(scheme.unpack(&stored, n * k).into_owned()),
         };
         Self(Arc::new(Packed {
             codes,
@@ -236,29 +240,6 @@ impl PackedWeight {
             shape: [n, k],
             blocks: Blocks::AlongRows,
             scheme,
-        }))
-    }
-
-    /// A 4-bit table `[n, k]` as [`PackedWeight::rows`] makes it, from the codes as the
-    /// checkpoint stores them (two to a byte, [`Quantization::pack`]): where the kernels read
-    /// a block's two halves to a byte the bytes are regrouped directly, so that a large table
-    /// is never held a byte per code.
-    ///
-    /// # Panics
-    /// Unless there are `n·k / 2` bytes and `n·k/32` scales.
-    pub fn q4_rows(pairs: &[u8], scales: Vec<f32>, n: usize, k: usize) -> Self {
-        check_lengths(2 * pairs.len(), scales.len(), n, k);
-        let codes = if half_blocks_read() {
-            Stored::HalfBlocks(half_blocks_from_pairs(pairs))
-        } else {
-            Stored::Bytes(Quantization::Q4.unpack(pairs, n * k))
-        };
-        Self(Arc::new(Packed {
-            codes,
-            scales,
-            shape: [n, k],
-            blocks: Blocks::AlongRows,
-            scheme: Quantization::Q4,
         }))
     }
 
@@ -382,9 +363,11 @@ mod tests {
         let stored = Quantization::Q4.pack(&c);
         assert_eq!(half_blocks_from_pairs(&stored), pack_half_blocks(&c));
         let scales = vec![0.5; c.len() / BLOCK];
-        let table = PackedWeight::q4_rows(&stored, scales.clone(), 5, BLOCK);
-        let reference = PackedWeight::rows(c.clone(), scales, 5, BLOCK, Quantization::Q4);
-        assert_eq!(table.codes().bytes(BLOCK), c);
-        assert_eq!(table.parts(), reference.parts());
+        for scheme in [Quantization::Q8, Quantization::Q4] {
+            let stored = Cow::Owned(scheme.pack(&c));
+            let table = PackedWeight::rows(stored, scales.clone(), 5, BLOCK, scheme);
+            assert_eq!(table.codes().bytes(BLOCK), c, "{scheme}");
+            assert_eq!(table.parts(), (c.clone(), scales.clone()), "{scheme}");
+        }
     }
 }

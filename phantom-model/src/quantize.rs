@@ -18,11 +18,13 @@
 //!   byte, the even input in the low nibble, each stored as `c + 8` (0..=15);
 //! - `….weight_scale`: `F16 [out, in / 32]`, the scale of each block, row-major.
 //!
-//! In memory, on flex, a quantized weight is a [`crate::packed::PackedWeight`] (i8 codes next
-//! to f32 scales) that [`crate::kernels`] multiplies without a float copy; on wgpu and CUDA it
+//! In memory, on flex, a quantized weight is a [`crate::packed::PackedWeight`] (its codes in
+//! the layout the kernels read, next to f32 scales) that [`crate::kernels`] multiplies without
+//! a float copy; on wgpu and CUDA it
 //! is a Burn quantized tensor (`QFloat`) that Burn's own kernels multiply. Backends without
 //! quantized arithmetic (ndarray, libtorch) get the weights dequantized to float at load.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -107,11 +109,7 @@ impl Quantization {
             Self::Q8 => codes.iter().map(|&c| c as u8).collect(),
             Self::Q4 => codes
                 .chunks(2)
-                .map(|pair| {
-                    let lo = (pair[0].wrapping_add(8) as u8) & 0x0f;
-                    let hi = pair.get(1).map_or(8, |&c| (c.wrapping_add(8) as u8) & 0x0f);
-                    lo | (hi << 4)
-                })
+                .map(|pair| nibble(pair[0]) | (pair.get(1).map_or(8, |&c| nibble(c)) << 4))
                 .collect(),
         }
     }
@@ -129,24 +127,22 @@ impl Quantization {
         }
     }
 
-    /// Codes read back from their stored bytes; `count` codes.
-    pub fn unpack(self, bytes: &[u8], count: usize) -> Vec<i8> {
-        // Sized up front: a collected flat map would grow to the next power of two.
-        let mut codes = Vec::with_capacity(count);
-        self.unpack_into(bytes, count, &mut codes);
-        codes
-    }
-
-    /// [`Quantization::unpack`] appending to `codes`: at most `count` codes.
-    pub fn unpack_into(self, bytes: &[u8], count: usize, codes: &mut Vec<i8>) {
+    /// Codes read back from their stored bytes; `count` codes: 8-bit ones are the bytes
+    /// themselves, read as signed.
+    pub fn unpack(self, bytes: &[u8], count: usize) -> Cow<'_, [i8]> {
         match self {
-            Self::Q8 => codes.extend(bytes.iter().take(count).map(|&b| b as i8)),
-            Self::Q4 => codes.extend(
-                bytes
-                    .iter()
-                    .flat_map(|&b| [(b & 0x0f) as i8 - 8, (b >> 4) as i8 - 8])
-                    .take(count),
-            ),
+            Self::Q8 => Cow::Borrowed(bytemuck::cast_slice(&bytes[..count.min(bytes.len())])),
+            Self::Q4 => {
+                // Sized up front: a collected flat map would grow to the next power of two.
+                let mut codes = Vec::with_capacity(count);
+                codes.extend(
+                    bytes
+                        .iter()
+                        .flat_map(|&b| [nibble_code(b), nibble_code(b >> 4)])
+                        .take(count),
+                );
+                Cow::Owned(codes)
+            }
         }
     }
 }
@@ -289,6 +285,16 @@ fn valid_scale(raw: f32) -> f32 {
     } else {
         ScaleDtype::F16.round_up(f32::MIN_POSITIVE)
     }
+}
+
+/// A 4-bit code (`−8..=7`) as the nibble that stores it, `c + 8`.
+pub(crate) fn nibble(c: i8) -> u8 {
+    (c.wrapping_add(8) as u8) & 0x0f
+}
+
+/// The 4-bit code stored in the low nibble of `byte`.
+pub(crate) fn nibble_code(byte: u8) -> i8 {
+    (byte & 0x0f) as i8 - 8
 }
 
 /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, written into `out`

@@ -11,6 +11,7 @@
 //! `[out, in]` in memory, the order [`crate::kernels`] read (Burn sees a transposed view);
 //! elsewhere they are transposed once while loading.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -317,18 +318,17 @@ impl Part {
         let _ = (entry, from, len);
     }
 
-    /// The `count` codes of a quantized entry unpacked a stretch at a time, each stretch's
-    /// pages released once read: the token embeddings would otherwise sit in memory twice,
-    /// as the file's pages and as codes.
-    fn unpack_releasing(&self, entry: &Entry, scheme: Quantization, count: usize) -> Vec<i8> {
-        // Bytes a stretch (even, so that a 4-bit stretch holds whole pairs).
+    /// The entry's bytes copied a stretch at a time, each stretch's pages released once
+    /// read: the token embeddings would otherwise sit in memory twice, as the file's pages
+    /// and as their copy.
+    fn copy_releasing(&self, entry: &Entry) -> Vec<u8> {
         const STRETCH: usize = 8 << 20;
-        let mut codes = Vec::with_capacity(count);
+        let mut bytes = Vec::with_capacity(entry.end - entry.start);
         for (i, stretch) in self.data(entry).chunks(STRETCH).enumerate() {
-            scheme.unpack_into(stretch, count - codes.len(), &mut codes);
+            bytes.extend_from_slice(stretch);
             self.release_range(entry, i * STRETCH, stretch.len());
         }
-        codes
+        bytes
     }
 
     fn parse(storage: Storage, name: &str) -> Result<Self> {
@@ -678,7 +678,7 @@ impl Filler<'_> {
                 self.out_in,
                 self.native_quantized,
                 Codes {
-                    codes,
+                    stored: Cow::Owned(q.scheme.pack(&codes)),
                     scales,
                     nk: [n, k],
                     scheme: q.scheme,
@@ -775,41 +775,36 @@ impl Filler<'_> {
             ));
             return None;
         }
-        if q.scheme == Quantization::Q4
-            && role == Role::Matrix
-            && self.native_quantized
-            && self.out_in
-        {
-            // The 4-bit embeddings on flex (as `place_quantized` would pack them), regrouped
-            // from the stored bytes: unpacked, the vocabulary's codes would take twice the
-            // packed table.
-            let table = PackedWeight::q4_rows(part.data(entry), scale_values, n, k);
-            part.release(entry);
-            part.release(scales);
-            return Some(Placed::Packed(table));
-        }
-        let codes = part.unpack_releasing(entry, q.scheme, n * k);
+        // 8-bit codes are their stored bytes: copied out, the file's pages released behind
+        // them. 4-bit ones are read from the file as they lie and repacked.
+        let stored = match q.scheme {
+            Quantization::Q8 => Cow::Owned(part.copy_releasing(entry)),
+            Quantization::Q4 => Cow::Borrowed(part.data(entry)),
+        };
         part.release(scales);
-        Some(place_quantized(
+        let placed = place_quantized(
             &self.device,
             self.out_in,
             self.native_quantized,
             Codes {
-                codes,
+                stored,
                 scales: scale_values,
                 nk: [n, k],
                 scheme: q.scheme,
                 role,
             },
             dtype,
-        ))
+        );
+        part.release(entry);
+        Some(placed)
     }
 }
 
-/// A quantized matrix as its codes and block scales, in the checkpoint's order.
-struct Codes {
-    /// One code per value, row-major `[n, k]`.
-    codes: Vec<i8>,
+/// A quantized matrix as the checkpoint stores it: its codes and block scales, in the
+/// checkpoint's order.
+struct Codes<'a> {
+    /// The codes as stored ([`Quantization::pack`]), row-major `[n, k]`.
+    stored: Cow<'a, [u8]>,
     /// One scale per block of 32 along each row, `[n, k / 32]`.
     scales: Vec<f32>,
     /// `[n, k]`: outputs and inputs of a linear weight, vocabulary and hidden size of the
@@ -860,25 +855,26 @@ fn place_quantized<const D: usize>(
     out_in: bool,
     native: bool,
     Codes {
-        codes,
+        stored,
         scales,
         nk: [n, k],
         scheme,
         role,
-    }: Codes,
+    }: Codes<'_>,
     dtype: DType,
 ) -> Placed<D> {
     let linear = role == Role::LinearWeight;
     if native && out_in {
         // Flex: a linear weight laid out as Burn sees it, [k, n] with blocks of 32 down each
-        // column, and the embeddings [n, k] with blocks along each row.
+        // column, and the embeddings [n, k] with blocks along each row, packed from the
+        // stored bytes.
         return Placed::Packed(if linear {
-            PackedWeight::columns(&codes, &scales, n, k, scheme)
+            PackedWeight::columns(&scheme.unpack(&stored, n * k), &scales, n, k, scheme)
         } else {
-            PackedWeight::rows(codes, scales, n, k, scheme)
+            PackedWeight::rows(stored, scales, n, k, scheme)
         });
     }
-    let values = quantize::dequantize_host(&codes, &scales, k);
+    let values = quantize::dequantize_host(&scheme.unpack(&stored, n * k), &scales, k);
     if native && linear {
         // Burn's GPU kernels re-derive the scales from the values: the same codes, except in a
         // block whose f16 scale is subnormal (weights below about 2e-3 in q8), where a code
@@ -1004,7 +1000,7 @@ impl ModuleMapper for Quantizer {
             self.out_in,
             self.native,
             Codes {
-                codes,
+                stored: Cow::Owned(self.config.scheme.pack(&codes)),
                 scales,
                 nk: [n, k],
                 scheme: self.config.scheme,

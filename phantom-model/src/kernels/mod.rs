@@ -338,7 +338,8 @@ mod tests {
         for scheme in [Quantization::Q8, Quantization::Q4] {
             let (codes, scales) = quantize_host(&values(n * k, 7), k, scheme);
             let dense = dequantize_host(&codes, &scales, k);
-            let packed = PackedWeight::rows(codes, scales, n, k, scheme);
+            let stored = std::borrow::Cow::Owned(scheme.pack(&codes));
+            let packed = PackedWeight::rows(stored, scales, n, k, scheme);
             // The same table as Burn's quantized tensor, as a packed weight turns into when
             // something asks for its value.
             let table = Tensor::<2>::from_data(packed.data(), &device);

@@ -13,7 +13,7 @@
 
 use super::dot::MAX_ROWS;
 use crate::packed::Codes;
-use crate::quantize::BLOCK;
+use crate::quantize::{BLOCK, nibble_code};
 
 /// Lanes of one accumulator: an AVX-512 register, two AVX2 ones.
 #[cfg_attr(
@@ -43,8 +43,8 @@ fn widen_block<const HALVES: bool>(row: &[u8], b: usize) -> [f32; BLOCK] {
         let mut w = [0.0f32; BLOCK];
         let (low, high) = w.split_at_mut(BLOCK / 2);
         for ((l, h), &byte) in low.iter_mut().zip(high).zip(c) {
-            *l = f32::from((byte & 0x0f) as i8 - 8);
-            *h = f32::from((byte >> 4) as i8 - 8);
+            *l = f32::from(nibble_code(byte));
+            *h = f32::from(nibble_code(byte >> 4));
         }
         w
     } else {

@@ -21,7 +21,7 @@
 
 use super::activations::quantize_activations;
 use crate::packed::Codes;
-use crate::quantize::BLOCK;
+use crate::quantize::{BLOCK, nibble_code};
 
 /// Rows of a micro tile: six rows by two registers of sums, in integers and in f32, fit in the
 /// 32 vector registers with the weights and a broadcast activation.
@@ -73,8 +73,8 @@ fn pack_panel(
                 for (h, rows) in unpacked.chunks_exact_mut(2).enumerate() {
                     let bytes = &pairs[(g * GROUP / 2 + h) * n + j0..][..NR];
                     for (j, &b) in bytes.iter().enumerate() {
-                        rows[0][j] = (b & 0x0f) as i8 - 8;
-                        rows[1][j] = (b >> 4) as i8 - 8;
+                        rows[0][j] = nibble_code(b);
+                        rows[1][j] = nibble_code(b >> 4);
                     }
                 }
                 let rows: [&[i8]; GROUP] = std::array::from_fn(|t| &unpacked[t][..]);
@@ -101,7 +101,7 @@ fn pack_panel_scalar(
 ) {
     let code = |i: usize, j: usize| match codes {
         Codes::Bytes(codes) => codes[i * n + j],
-        Codes::RowPairs(pairs) => (pairs[i / 2 * n + j] >> (4 * (i % 2)) & 0x0f) as i8 - 8,
+        Codes::RowPairs(pairs) => nibble_code(pairs[i / 2 * n + j] >> (4 * (i % 2))),
         // A table's layout: `matmul` turns it away.
         Codes::HalfBlocks(_) => 0,
     };
@@ -267,7 +267,7 @@ mod x86 {
     use crate::kernels::activations::Activations;
     const PREFETCH: i32 = _MM_HINT_T1;
     const AHEAD: usize = 2;
-    use crate::quantize::BLOCK;
+    use crate::quantize::{BLOCK, nibble_code};
 
     /// Four rows of [`NR`] codes interleaved into `out` (`[NR][4]`), each shifted by 128.
     #[target_feature(enable = "sse2")]
@@ -518,7 +518,7 @@ mod x86 {
                     let dot: i32 = (0..BLOCK)
                         .map(|i| {
                             let byte = row[b * BLOCK / 2 + i % (BLOCK / 2)];
-                            let c = ((byte >> (4 * (i / (BLOCK / 2)))) & 0x0f) as i8 - 8;
+                            let c = nibble_code(byte >> (4 * (i / (BLOCK / 2))));
                             i32::from(c) * i32::from(ax[b * BLOCK + i])
                         })
                         .sum();
