@@ -149,6 +149,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 let config = phantom_model::quantize::QuantizationConfig::new(scheme);
                 model = phantom_model::quantize_parameters(model, config);
             }
+            crate::allocator::running();
             (model, device)
         }
     };

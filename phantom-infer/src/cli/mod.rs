@@ -143,6 +143,7 @@ impl ModelArgs {
         )
         .with_context(|| format!("loading {}", self.model.display()))?;
         bar.finish_and_clear();
+        crate::allocator::running();
         let wanted = phantom_model::PhantomConfig::from_file(self.model.join("config.json"))
             .ok()
             .and_then(|c| c.quantization.map(|q| q.scheme))
