@@ -28,8 +28,10 @@ static SAVED_PURGE_DELAY: AtomicI64 = AtomicI64::new(-1);
 extern "C" fn loading() {
     // SAFETY: mimalloc's options are plain integers, set before any thread exists.
     unsafe {
-        let delay = mi_option_get(PURGE_DELAY);
-        SAVED_PURGE_DELAY.store(i64::from(delay), Ordering::Relaxed);
+        // `c_long` is 32 bits on some targets.
+        #[allow(clippy::useless_conversion)]
+        let delay = i64::from(mi_option_get(PURGE_DELAY));
+        SAVED_PURGE_DELAY.store(delay, Ordering::Relaxed);
         mi_option_set(ARENA_EAGER_COMMIT, 0);
         mi_option_set(PURGE_DELAY, 0);
     }

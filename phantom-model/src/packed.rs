@@ -17,8 +17,11 @@ use std::sync::Arc;
 use burn::module::{Param, ParamId};
 use burn::prelude::*;
 
+use half::f16;
+
 use crate::quantize::{
-    BLOCK, Quantization, column_scheme, nibble, nibble_code, row_scheme, transpose_into,
+    BLOCK, Quantization, Scale, column_scheme, f16_scales, nibble, nibble_code, row_scheme,
+    transpose_into,
 };
 
 /// How the codes of a [`PackedWeight`] `[rows, cols]` are cut into blocks of [`BLOCK`].
@@ -83,20 +86,20 @@ pub fn pack_half_blocks(codes: &[i8]) -> Vec<u8> {
 
 /// 4-bit codes as a checkpoint stores them (two to a byte, the even one in the low nibble,
 /// each as `c + 8`; a whole number of blocks) regrouped a block's two halves to a byte
-/// ([`Codes::HalfBlocks`]) without unpacking them.
-pub fn half_blocks_from_pairs(pairs: &[u8]) -> Vec<u8> {
-    let mut halves = Vec::with_capacity(pairs.len());
-    for block in pairs.chunks_exact(BLOCK / 2) {
+/// ([`Codes::HalfBlocks`]) in place, without unpacking them: a block keeps its 16 bytes.
+pub fn half_blocks_from_pairs(mut bytes: Vec<u8>) -> Vec<u8> {
+    for block in bytes.chunks_exact_mut(BLOCK / 2) {
+        let pairs: [u8; BLOCK / 2] = (*block).try_into().expect("a block's 16 bytes");
         // Code t sits in byte t / 2 of its half, low nibble when t is even.
-        let (low, high) = block.split_at(BLOCK / 4);
-        for t in 0..BLOCK / 2 {
+        let (low, high) = pairs.split_at(BLOCK / 4);
+        for (t, byte) in block.iter_mut().enumerate() {
             let shift = 4 * (t % 2);
             let lo = (low[t / 2] >> shift) & 0x0f;
             let hi = (high[t / 2] >> shift) & 0x0f;
-            halves.push(lo | (hi << 4));
+            *byte = lo | (hi << 4);
         }
     }
-    halves
+    bytes
 }
 
 /// [`pack_half_blocks`] undone.
@@ -154,7 +157,7 @@ fn half_blocks_read() -> bool {
 }
 
 /// A quantized matrix as the CPU kernels read it: its codes ([`Codes`]), row-major as Burn
-/// sees the matrix, and one scale per block in the blocks' row-major order. Cloning it shares
+/// sees the matrix, and one f16 scale per block in the blocks' row-major order. Cloning it shares
 /// the values.
 #[derive(Clone)]
 pub struct PackedWeight(Arc<Packed>);
@@ -168,7 +171,9 @@ enum Stored {
 
 struct Packed {
     codes: Stored,
-    scales: Vec<f32>,
+    /// Every scale is an f16 value ([`crate::quantize`] rounds them up to one); held so, they
+    /// take half the room and half the reads of f32.
+    scales: Vec<f16>,
     shape: [usize; 2],
     blocks: Blocks,
     scheme: Quantization,
@@ -191,7 +196,13 @@ impl PackedWeight {
     ///
     /// # Panics
     /// Unless there are `n·k` codes and `n·k/32` scales.
-    pub fn columns(codes: &[i8], scales: &[f32], n: usize, k: usize, scheme: Quantization) -> Self {
+    pub fn columns<S: Scale>(
+        codes: &[i8],
+        scales: &[S],
+        n: usize,
+        k: usize,
+        scheme: Quantization,
+    ) -> Self {
         check_lengths(codes.len(), scales.len(), n, k);
         let codes_kn = transpose_into(codes, n, k, Vec::new());
         let codes = if scheme == Quantization::Q4 && row_pairs_read() {
@@ -201,7 +212,7 @@ impl PackedWeight {
         };
         Self(Arc::new(Packed {
             codes,
-            scales: transpose_into(scales, n, k / BLOCK, Vec::new()),
+            scales: transpose_into(&f16_scales(scales), n, k / BLOCK, Vec::new()),
             shape: [k, n],
             blocks: Blocks::DownColumns,
             scheme,
@@ -211,14 +222,14 @@ impl PackedWeight {
     /// A table `[n, k]` (a token embedding) from its codes as the checkpoint stores them
     /// ([`Quantization::pack`]) and its scales (`[n, k / 32]`), kept in that order, blocks
     /// along each row. 4-bit codes are regrouped a block's two halves to a byte where the
-    /// kernels read them so, straight from the stored pairs: a large table is never held a
-    /// byte per code on the way.
+    /// kernels read them so, in the stored bytes themselves: a large table is held once,
+    /// never a byte per code on the way.
     ///
     /// # Panics
     /// Unless the bytes hold `n·k` codes and there are `n·k/32` scales.
     pub fn rows(
         stored: Cow<'_, [u8]>,
-        scales: Vec<f32>,
+        scales: Vec<f16>,
         n: usize,
         k: usize,
         scheme: Quantization,
@@ -230,7 +241,7 @@ impl PackedWeight {
                 Stored::Bytes(stored.into_owned().into_iter().map(|b| b as i8).collect())
             }
             Quantization::Q4 if half_blocks_read() => {
-                Stored::HalfBlocks(half_blocks_from_pairs(&stored))
+                Stored::HalfBlocks(half_blocks_from_pairs(stored.into_owned()))
             }
             Quantization::Q4 => Stored::Bytes(scheme.unpack(&stored, n * k).into_owned()),
         };
@@ -263,14 +274,19 @@ impl PackedWeight {
     }
 
     /// One scale per block, the blocks in row-major order.
-    pub fn scales(&self) -> &[f32] {
+    pub fn scales(&self) -> &[f16] {
         &self.0.scales
     }
 
     /// The codes and scales in the checkpoint's order: `[n, k]` and `[n, k / 32]`.
     pub fn parts(&self) -> (Vec<i8>, Vec<f32>) {
         let codes = self.codes().bytes(self.0.shape[1]);
-        checkpoint_order(&codes, &self.0.scales, self.0.shape, self.0.blocks)
+        checkpoint_order(
+            &codes,
+            &widened(&self.0.scales),
+            self.0.shape,
+            self.0.blocks,
+        )
     }
 
     /// The same weight as Burn's quantized tensor data (a copy).
@@ -281,9 +297,10 @@ impl PackedWeight {
         };
         let bytes = self.codes().bytes(self.0.shape[1]);
         // Room for the scales, which Burn appends to the codes' allocation.
-        let mut codes = Vec::with_capacity(bytes.len() + size_of_val(self.scales()) + 16);
+        let scales = widened(&self.0.scales);
+        let mut codes = Vec::with_capacity(bytes.len() + size_of_val(scales.as_slice()) + 16);
         codes.extend_from_slice(&bytes);
-        TensorData::quantized(codes, self.0.shape, scheme, &self.0.scales, None)
+        TensorData::quantized(codes, self.0.shape, scheme, &scales, None)
     }
 
     /// The lazy stand-in for this weight as parameter `id` on `device`: its shape, and Burn's
@@ -316,6 +333,11 @@ pub(crate) fn checkpoint_order(
         ),
         Blocks::AlongRows => (codes.to_vec(), scales.to_vec()),
     }
+}
+
+/// `scales` as f32.
+fn widened(scales: &[f16]) -> Vec<f32> {
+    scales.iter().map(|s| s.to_f32()).collect()
 }
 
 /// The packed weights of a model by the id of the parameter each stands in for.
@@ -361,11 +383,11 @@ mod tests {
     fn stored_pairs_regroup_into_the_half_blocks_of_their_codes() {
         let c = codes(5 * BLOCK);
         let stored = Quantization::Q4.pack(&c);
-        assert_eq!(half_blocks_from_pairs(&stored), pack_half_blocks(&c));
+        assert_eq!(half_blocks_from_pairs(stored), pack_half_blocks(&c));
         let scales = vec![0.5; c.len() / BLOCK];
         for scheme in [Quantization::Q8, Quantization::Q4] {
             let stored = Cow::Owned(scheme.pack(&c));
-            let table = PackedWeight::rows(stored, scales.clone(), 5, BLOCK, scheme);
+            let table = PackedWeight::rows(stored, f16_scales(&scales), 5, BLOCK, scheme);
             assert_eq!(table.codes().bytes(BLOCK), c, "{scheme}");
             assert_eq!(table.parts(), (c.clone(), scales.clone()), "{scheme}");
         }

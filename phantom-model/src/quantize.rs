@@ -19,7 +19,7 @@
 //! - `….weight_scale`: `F16 [out, in / 32]`, the scale of each block, row-major.
 //!
 //! In memory, on flex, a quantized weight is a [`crate::packed::PackedWeight`] (its codes in
-//! the layout the kernels read, next to f32 scales) that [`crate::kernels`] multiplies without
+//! the layout the kernels read, next to its f16 scales) that [`crate::kernels`] multiplies without
 //! a float copy; on wgpu and CUDA it
 //! is a Burn quantized tensor (`QFloat`) that Burn's own kernels multiply. Backends without
 //! quantized arithmetic (ndarray, libtorch) get the weights dequantized to float at load.
@@ -287,6 +287,87 @@ fn valid_scale(raw: f32) -> f32 {
     }
 }
 
+/// Rows of a table whose scales a kernel widens to f32 at a time: a few KiB, in cache, and
+/// one conversion call per stretch rather than per row.
+pub const SCALE_ROWS: usize = 64;
+
+/// A block scale as the kernels read it: f16, as the packed weights hold them (every scale is
+/// an f16 value, rounded up to one when it is made), or f32, as Burn's quantized tensors do.
+pub trait Scale: Copy + Send + Sync + 'static {
+    /// The scale in f32.
+    fn get(self) -> f32;
+
+    /// `scales` themselves where they are f32.
+    fn as_f32(scales: &[Self]) -> Option<&[f32]>;
+
+    /// `scales` themselves where they are f16.
+    fn as_f16(scales: &[Self]) -> Option<&[f16]>;
+
+    /// `scales` in f32: borrowed where they are, else converted into `scratch`. Inlined, so
+    /// that the conversion vectorises for the caller's instruction set.
+    #[inline(always)]
+    fn widen<'a>(scales: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        if let Some(scales) = Self::as_f32(scales) {
+            return scales;
+        }
+        // Over two slices of one length, which vectorises where an `extend` does not.
+        scratch.resize(scales.len(), 0.0);
+        for (wide, s) in scratch.iter_mut().zip(scales) {
+            *wide = s.get();
+        }
+        scratch
+    }
+}
+
+impl Scale for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+
+    fn as_f32(scales: &[f32]) -> Option<&[f32]> {
+        Some(scales)
+    }
+
+    fn as_f16(_: &[f32]) -> Option<&[f16]> {
+        None
+    }
+}
+
+impl Scale for f16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f16_bits_to_f32(self.to_bits())
+    }
+
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+
+    fn as_f16(scales: &[f16]) -> Option<&[f16]> {
+        Some(scales)
+    }
+}
+
+/// IEEE half → single, without branches so that it vectorises: the exponent and mantissa are
+/// moved into place and scaled by 2^112 (the difference of the exponent biases), which is
+/// exact for normal and subnormal halves alike; infinities and NaNs get the all-ones exponent.
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
+    const TWO_POW_112: f32 = f32::from_bits((127 + 112) << 23);
+    let h = u32::from(h);
+    let magnitude = h & 0x7fff;
+    let scaled = f32::from_bits(magnitude << 13) * TWO_POW_112;
+    let special = f32::from_bits((magnitude << 13) | 0x7f80_0000);
+    let value = if magnitude >= 0x7c00 { special } else { scaled };
+    f32::from_bits(value.to_bits() | ((h & 0x8000) << 16))
+}
+
+/// `scales` (each an f16 value, as [`quantize_host`] makes them) held as f16: exactly.
+pub fn f16_scales<S: Scale>(scales: &[S]) -> Vec<f16> {
+    scales.iter().map(|s| f16::from_f32(s.get())).collect()
+}
+
 /// A 4-bit code (`−8..=7`) as the nibble that stores it, `c + 8`.
 pub(crate) fn nibble(c: i8) -> u8 {
     (c.wrapping_add(8) as u8) & 0x0f
@@ -337,7 +418,7 @@ fn blocks_of(scheme: Quantization, block: [usize; 2]) -> QuantScheme {
 ///
 /// # Panics
 /// If `k` is not a multiple of [`BLOCK`] or `scales` holds fewer than one per block.
-pub fn dequantize_host(codes: &[i8], scales: &[f32], k: usize) -> Vec<f32> {
+pub fn dequantize_host<S: Scale>(codes: &[i8], scales: &[S], k: usize) -> Vec<f32> {
     assert!(
         quantizable(k) && scales.len() * BLOCK >= codes.len(),
         "rows of {k} inputs, one scale per block of {BLOCK}"
@@ -348,7 +429,7 @@ pub fn dequantize_host(codes: &[i8], scales: &[f32], k: usize) -> Vec<f32> {
         values.extend(
             row.iter()
                 .enumerate()
-                .map(|(i, &c)| f32::from(c) * row_scales[i / BLOCK]),
+                .map(|(i, &c)| f32::from(c) * row_scales[i / BLOCK].get()),
         );
     }
     values

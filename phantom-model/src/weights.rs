@@ -679,7 +679,7 @@ impl Filler<'_> {
                 self.native_quantized,
                 Codes {
                     stored: Cow::Owned(q.scheme.pack(&codes)),
-                    scales,
+                    scales: quantize::f16_scales(&scales),
                     nk: [n, k],
                     scheme: q.scheme,
                     role,
@@ -765,21 +765,24 @@ impl Filler<'_> {
             ));
             return None;
         }
-        let scale_values: Vec<f32> = typed::<f16>(part.data(scales))
+        let scale_values = typed::<f16>(part.data(scales)).to_vec();
+        if let Some(bad) = scale_values
             .iter()
             .map(|s| s.to_f32())
-            .collect();
-        if let Some(bad) = scale_values.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            .find(|s| !(s.is_finite() && *s > 0.0))
+        {
             self.problems.push(format!(
                 "{key}{SCALE_SUFFIX}: a scale is {bad} (scales are positive and finite)"
             ));
             return None;
         }
-        // 8-bit codes are their stored bytes: copied out, the file's pages released behind
-        // them. 4-bit ones are read from the file as they lie and repacked.
-        let stored = match q.scheme {
-            Quantization::Q8 => Cow::Owned(part.copy_releasing(entry)),
-            Quantization::Q4 => Cow::Borrowed(part.data(entry)),
+        // 8-bit codes and a 4-bit table are kept as stored (a table regrouped in place):
+        // copied out, the file's pages released behind them. 4-bit linear weights are read
+        // from the file as they lie and repacked.
+        let stored = if q.scheme == Quantization::Q4 && role == Role::LinearWeight {
+            Cow::Borrowed(part.data(entry))
+        } else {
+            Cow::Owned(part.copy_releasing(entry))
         };
         part.release(scales);
         let placed = place_quantized(
@@ -806,7 +809,7 @@ struct Codes<'a> {
     /// The codes as stored ([`Quantization::pack`]), row-major `[n, k]`.
     stored: Cow<'a, [u8]>,
     /// One scale per block of 32 along each row, `[n, k / 32]`.
-    scales: Vec<f32>,
+    scales: Vec<f16>,
     /// `[n, k]`: outputs and inputs of a linear weight, vocabulary and hidden size of the
     /// token embeddings.
     nk: [usize; 2],
@@ -1001,7 +1004,7 @@ impl ModuleMapper for Quantizer {
             self.native,
             Codes {
                 stored: Cow::Owned(self.config.scheme.pack(&codes)),
-                scales,
+                scales: quantize::f16_scales(&scales),
                 nk: [n, k],
                 scheme: self.config.scheme,
                 role,

@@ -8,6 +8,8 @@
 
 use half::{bf16, f16};
 
+use crate::quantize::f16_bits_to_f32;
+
 /// Activation rows up to which a product runs as matrix–vector work (a decode step of a few
 /// sequences or beams); larger batches use a GEMM.
 pub const MAX_ROWS: usize = 8;
@@ -64,20 +66,6 @@ impl Weight for f16 {
         Self::widen(src, &mut out);
         out
     }
-}
-
-/// IEEE half → single, without branches so that it vectorises: the exponent and mantissa are
-/// moved into place and scaled by 2^112 (the difference of the exponent biases), which is
-/// exact for normal and subnormal halves alike; infinities and NaNs get the all-ones exponent.
-#[inline(always)]
-fn f16_bits_to_f32(h: u16) -> f32 {
-    const TWO_POW_112: f32 = f32::from_bits((127 + 112) << 23);
-    let h = u32::from(h);
-    let magnitude = h & 0x7fff;
-    let scaled = f32::from_bits(magnitude << 13) * TWO_POW_112;
-    let special = f32::from_bits((magnitude << 13) | 0x7f80_0000);
-    let value = if magnitude >= 0x7c00 { special } else { scaled };
-    f32::from_bits(value.to_bits() | ((h & 0x8000) << 16))
 }
 
 /// `a·b + c`, fused where the build has FMA (a plain `mul_add` without it is a library call).

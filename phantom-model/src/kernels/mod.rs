@@ -31,7 +31,7 @@ use half::{bf16, f16};
 pub use dot::MAX_ROWS;
 
 use crate::packed::{Blocks, Codes, PackedWeight, checkpoint_order};
-use crate::quantize::BLOCK;
+use crate::quantize::{BLOCK, Scale};
 
 /// Threads the kernels split work over.
 fn threads() -> usize {
@@ -268,10 +268,10 @@ pub fn packed_product(x: &Tensor<2>, w: &PackedWeight) -> Option<Tensor<2>> {
 
 /// The product of `x` `[m, k]` with the codes and scales of a `[rows, cols]` matrix laid out
 /// as `blocks` says (`[k, n]` down columns, `[n, k]` along rows), by that layout's kernels.
-fn quantized_product(
+fn quantized_product<S: Scale>(
     x: &Tensor<2>,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     [rows, cols]: [usize; 2],
     blocks: Blocks,
 ) -> Option<Tensor<2>> {
@@ -339,7 +339,8 @@ mod tests {
             let (codes, scales) = quantize_host(&values(n * k, 7), k, scheme);
             let dense = dequantize_host(&codes, &scales, k);
             let stored = std::borrow::Cow::Owned(scheme.pack(&codes));
-            let packed = PackedWeight::rows(stored, scales, n, k, scheme);
+            let packed =
+                PackedWeight::rows(stored, crate::quantize::f16_scales(&scales), n, k, scheme);
             // The same table as Burn's quantized tensor, as a packed weight turns into when
             // something asks for its value.
             let table = Tensor::<2>::from_data(packed.data(), &device);

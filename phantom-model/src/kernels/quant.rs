@@ -1,5 +1,5 @@
 //! Products with quantized weights ([`crate::quantize`]) laid out as Burn sees a linear weight:
-//! codes `[k, n]` as i8, one f32 scale per block of 32 inputs down each column (`[k / 32, n]`).
+//! codes `[k, n]` as i8, one scale (f16 or f32) per block of 32 inputs down each column (`[k / 32, n]`).
 //!
 //! A decode step ([`matvec`]) streams the codes once, one byte per weight, in memory order:
 //! each core takes a contiguous stretch of code rows, widens each row to f32 in registers and
@@ -16,7 +16,7 @@
 
 use super::dot::MAX_ROWS;
 use crate::packed::Codes;
-use crate::quantize::BLOCK;
+use crate::quantize::{BLOCK, Scale};
 
 /// Codes of each of the [`ROWS`] rows widened at a time with AVX-512 (32 registers): the
 /// widened tile takes sixteen of them.
@@ -134,17 +134,18 @@ fn add_rows<const R: usize, const FMA: bool, const TILE: usize>(
 )]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_body<const FMA: bool, const TILE: usize>(
+fn rows_body<S: Scale, const FMA: bool, const TILE: usize>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
-    scales: &[f32],
+    scales: &[S],
     n: usize,
     (i0, i1): (usize, usize),
     out: &mut [f32],
 ) {
     let mut acc = vec![0.0f32; m * n];
+    let mut widened = Vec::new();
     for b0 in (i0..i1).step_by(BLOCK) {
         acc.fill(0.0);
         for i in (b0..b0 + BLOCK).step_by(ROWS) {
@@ -182,7 +183,10 @@ fn rows_body<const FMA: bool, const TILE: usize>(
                 r0 += take;
             }
         }
-        let s = &scales[(b0 / BLOCK) * n..(b0 / BLOCK + 1) * n];
+        let s = S::widen(
+            &scales[(b0 / BLOCK) * n..(b0 / BLOCK + 1) * n],
+            &mut widened,
+        );
         for (o, a) in out.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
             for ((o, &a), &s) in o.iter_mut().zip(a).zip(s) {
                 *o = madd::<FMA>(a, s, *o);
@@ -194,33 +198,33 @@ fn rows_body<const FMA: bool, const TILE: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows_avx512(
+unsafe fn rows_avx512<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
-    scales: &[f32],
+    scales: &[S],
     n: usize,
     range: (usize, usize),
     out: &mut [f32],
 ) {
-    rows_body::<true, WIDE_TILE>(x, m, k, codes, scales, n, range, out);
+    rows_body::<S, true, WIDE_TILE>(x, m, k, codes, scales, n, range, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows_avx2(
+unsafe fn rows_avx2<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
-    scales: &[f32],
+    scales: &[S],
     n: usize,
     range: (usize, usize),
     out: &mut [f32],
 ) {
-    rows_body::<true, NARROW_TILE>(x, m, k, codes, scales, n, range, out);
+    rows_body::<S, true, NARROW_TILE>(x, m, k, codes, scales, n, range, out);
 }
 
 /// One range of code rows on the best instruction set.
@@ -229,12 +233,12 @@ unsafe fn rows_avx2(
     allow(dead_code)
 )]
 #[allow(clippy::too_many_arguments)]
-fn rows(
+fn rows<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: &[i8],
-    scales: &[f32],
+    scales: &[S],
     n: usize,
     range: (usize, usize),
     out: &mut [f32],
@@ -246,14 +250,21 @@ fn rows(
         Isa::Avx512 => unsafe { rows_avx512(x, m, k, codes, scales, n, range, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { rows_avx2(x, m, k, codes, scales, n, range, out) },
-        Isa::Portable => rows_body::<false, NARROW_TILE>(x, m, k, codes, scales, n, range, out),
+        Isa::Portable => rows_body::<S, false, NARROW_TILE>(x, m, k, codes, scales, n, range, out),
     }
 }
 
 /// `y = x · (c·s)` for `x` `[m, k]` (f32, row-major), codes `[k, n]` and scales `[k / 32, n]`:
 /// `y` is `[m, n]`. `k` must be a multiple of 32. The code rows are split between the cores
 /// (each streams one contiguous stretch of the weight) and their partial sums added.
-pub fn matvec(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+pub fn matvec<S: Scale>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[S],
+    n: usize,
+) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(codes.len(), n * k);
     debug_assert_eq!(scales.len(), n * k / BLOCK);
@@ -277,7 +288,7 @@ mod wasm {
     use core::arch::wasm32::*;
 
     use crate::kernels::activations::Activations;
-    use crate::quantize::BLOCK;
+    use crate::quantize::{BLOCK, Scale};
 
     /// Columns of one step: sixteen codes of each row, one vector.
     const TILE: usize = 16;
@@ -311,18 +322,19 @@ mod wasm {
     /// (`[m, n]`): per block, integer sums `[m, n]` to which each pass adds four code rows,
     /// sixteen columns at a time (the columns past the last whole tile one at a time), then
     /// weighted by both scales into `out`.
-    pub(super) fn code_rows(
+    pub(super) fn code_rows<S: Scale>(
         a: &Activations,
         pairs: &[i32],
         m: usize,
         k: usize,
-        (codes, scales, n): (&[i8], &[f32], usize),
+        (codes, scales, n): (&[i8], &[S], usize),
         (i0, i1): (usize, usize),
         out: &mut [f32],
     ) {
         let blocks = k / BLOCK;
         let full = n / TILE * TILE;
         let mut sums = vec![0i32; m * n];
+        let mut widened = Vec::new();
         for b0 in (i0..i1).step_by(BLOCK) {
             let b = b0 / BLOCK;
             sums.fill(0);
@@ -360,7 +372,7 @@ mod wasm {
                     }
                 }
             }
-            let s = &scales[b * n..(b + 1) * n];
+            let s = S::widen(&scales[b * n..(b + 1) * n], &mut widened);
             for r in 0..m {
                 let x_scale = a.scales[r * blocks + b];
                 let row = &mut out[r * n..(r + 1) * n];
@@ -415,11 +427,18 @@ fn columns_per_panel(k: usize) -> usize {
 /// `y = x · (c·s)` like [`matvec`], for many activation rows: the weight is dequantized a panel
 /// of columns at a time, as rows of `[width, k]` (the order the f32 GEMM reads), and each
 /// panel is multiplied by the GEMM on every core.
-pub fn matmul(x: &[f32], m: usize, k: usize, codes: &[i8], scales: &[f32], n: usize) -> Vec<f32> {
+pub fn matmul<S: Scale>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[S],
+    n: usize,
+) -> Vec<f32> {
     debug_assert_eq!(codes.len(), n * k);
     by_panels(x, m, k, n, |j, row| {
         for (b, block) in row.chunks_exact_mut(BLOCK).enumerate() {
-            let s = scales[b * n + j];
+            let s = scales[b * n + j].get();
             for (ii, v) in block.iter_mut().enumerate() {
                 *v = f32::from(codes[(b * BLOCK + ii) * n + j]) * s;
             }
@@ -461,12 +480,12 @@ pub(super) fn by_panels(
 ///
 /// 4-bit codes stored two rows to a byte ([`Codes::RowPairs`]) are read so by the integer
 /// products; the other kernels unpack them first.
-pub fn product(
+pub fn product<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]

@@ -1,5 +1,5 @@
-//! A quantized table laid out row-major, `[n, k]`, blocks of 32 along each row, one f32 scale
-//! per block (`[n, k / 32]`): the token embedding of a quantized model, which a tied LM head
+//! A quantized table laid out row-major, `[n, k]`, blocks of 32 along each row, one scale (f16
+//! or f32) per block (`[n, k / 32]`): the token embedding of a quantized model, which a tied LM head
 //! reads as its weight (`n` = vocabulary, `k` = hidden size).
 //!
 //! A decode step ([`matvec`]) takes each output as a dot product of one code row with the
@@ -13,7 +13,7 @@
 
 use super::dot::MAX_ROWS;
 use crate::packed::Codes;
-use crate::quantize::{BLOCK, nibble_code};
+use crate::quantize::{BLOCK, SCALE_ROWS, Scale, nibble_code};
 
 /// Lanes of one accumulator: an AVX-512 register, two AVX2 ones.
 #[cfg_attr(
@@ -93,36 +93,45 @@ fn dot_row<const R: usize, const FMA: bool, const HALVES: bool>(
     allow(dead_code)
 )]
 #[inline(always)]
-fn rows_body<const FMA: bool, const HALVES: bool>(
+fn rows_body<S: Scale, const FMA: bool, const HALVES: bool>(
     x: &[f32],
     m: usize,
     k: usize,
-    (codes, scales): (&[u8], &[f32]),
+    (codes, scales): (&[u8], &[S]),
     j0: usize,
     out: &mut [f32],
 ) {
     let blocks = k / BLOCK;
     let stride = if HALVES { k / 2 } else { k };
-    for (t, o) in out.chunks_exact_mut(m).enumerate() {
-        let j = j0 + t;
-        let c = &codes[j * stride..(j + 1) * stride];
-        let s = &scales[j * blocks..(j + 1) * blocks];
-        let mut r0 = 0;
-        while r0 < m {
-            let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
-            let take = (m - r0).min(4);
-            let o = &mut o[r0..r0 + take];
-            match take {
-                1 => o.copy_from_slice(&dot_row::<1, FMA, HALVES>([xr(0)], c, s)),
-                2 => o.copy_from_slice(&dot_row::<2, FMA, HALVES>([xr(0), xr(1)], c, s)),
-                3 => o.copy_from_slice(&dot_row::<3, FMA, HALVES>([xr(0), xr(1), xr(2)], c, s)),
-                _ => o.copy_from_slice(&dot_row::<4, FMA, HALVES>(
-                    [xr(0), xr(1), xr(2), xr(3)],
-                    c,
-                    s,
-                )),
+    let mut widened = Vec::new();
+    for (c, stretch) in out.chunks_mut(SCALE_ROWS * m).enumerate() {
+        let first = j0 + c * SCALE_ROWS;
+        let count = stretch.len() / m;
+        let stretch_scales = S::widen(
+            &scales[first * blocks..(first + count) * blocks],
+            &mut widened,
+        );
+        for (t, o) in stretch.chunks_exact_mut(m).enumerate() {
+            let j = first + t;
+            let c = &codes[j * stride..(j + 1) * stride];
+            let s = &stretch_scales[t * blocks..(t + 1) * blocks];
+            let mut r0 = 0;
+            while r0 < m {
+                let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let take = (m - r0).min(4);
+                let o = &mut o[r0..r0 + take];
+                match take {
+                    1 => o.copy_from_slice(&dot_row::<1, FMA, HALVES>([xr(0)], c, s)),
+                    2 => o.copy_from_slice(&dot_row::<2, FMA, HALVES>([xr(0), xr(1)], c, s)),
+                    3 => o.copy_from_slice(&dot_row::<3, FMA, HALVES>([xr(0), xr(1), xr(2)], c, s)),
+                    _ => o.copy_from_slice(&dot_row::<4, FMA, HALVES>(
+                        [xr(0), xr(1), xr(2), xr(3)],
+                        c,
+                        s,
+                    )),
+                }
+                r0 += take;
             }
-            r0 += take;
         }
     }
 }
@@ -133,19 +142,19 @@ fn rows_body<const FMA: bool, const HALVES: bool>(
     allow(dead_code)
 )]
 #[inline(always)]
-fn rows_any<const FMA: bool>(
+fn rows_any<S: Scale, const FMA: bool>(
     x: &[f32],
     m: usize,
     k: usize,
-    (codes, scales): (Codes<'_>, &[f32]),
+    (codes, scales): (Codes<'_>, &[S]),
     j0: usize,
     out: &mut [f32],
 ) {
     match codes {
-        Codes::HalfBlocks(halves) => rows_body::<FMA, true>(x, m, k, (halves, scales), j0, out),
+        Codes::HalfBlocks(halves) => rows_body::<S, FMA, true>(x, m, k, (halves, scales), j0, out),
         Codes::Bytes(codes) => {
             let codes: &[u8] = bytemuck::cast_slice(codes);
-            rows_body::<FMA, false>(x, m, k, (codes, scales), j0, out)
+            rows_body::<S, FMA, false>(x, m, k, (codes, scales), j0, out)
         }
         // A linear weight's layout, which `matvec` turns away.
         Codes::RowPairs(_) => {}
@@ -154,40 +163,40 @@ fn rows_any<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn rows_avx512(
+unsafe fn rows_avx512<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
-    weight: (Codes<'_>, &[f32]),
+    weight: (Codes<'_>, &[S]),
     j0: usize,
     out: &mut [f32],
 ) {
-    rows_any::<true>(x, m, k, weight, j0, out);
+    rows_any::<S, true>(x, m, k, weight, j0, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2(
+unsafe fn rows_avx2<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
-    weight: (Codes<'_>, &[f32]),
+    weight: (Codes<'_>, &[S]),
     j0: usize,
     out: &mut [f32],
 ) {
-    rows_any::<true>(x, m, k, weight, j0, out);
+    rows_any::<S, true>(x, m, k, weight, j0, out);
 }
 
 /// `y = x · (c·s)ᵀ` for `x` `[m, k]` (f32, row-major), codes `[n, k]` (one byte each, or a
 /// block's two halves to a byte) and scales `[n, k / 32]`: `y` is `[m, n]`. `k` must be a
 /// multiple of 32. Each code row is read once, whatever `m`; 4-bit codes in integers where the
 /// processor has the VNNI products ([`super::vnni::half_block_rows`]).
-pub fn matvec(
+pub fn matvec<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
@@ -198,12 +207,12 @@ pub fn matvec(
 }
 
 /// [`matvec`] with each block's codes widened to f32 (in WebAssembly, summed in integers).
-fn widened_matvec(
+fn widened_matvec<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
@@ -245,7 +254,7 @@ fn widened_matvec(
             Isa::Avx512 => unsafe { rows_avx512(x, m, k, (codes, scales), j0, out) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { rows_avx2(x, m, k, (codes, scales), j0, out) },
-            Isa::Portable => rows_any::<false>(x, m, k, (codes, scales), j0, out),
+            Isa::Portable => rows_any::<S, false>(x, m, k, (codes, scales), j0, out),
         }
     });
     super::dot::row_major(by_row, m, n)
@@ -256,7 +265,7 @@ fn widened_matvec(
 mod wasm {
     use core::arch::wasm32::*;
 
-    use crate::quantize::BLOCK;
+    use crate::quantize::{BLOCK, SCALE_ROWS, Scale};
 
     /// Activation codes widened to i16, eight to a vector (four vectors a block).
     pub(super) fn widen(codes: &[i8]) -> Vec<v128> {
@@ -274,60 +283,69 @@ mod wasm {
     /// scales `[n, k / 32]`) and the `m` quantized activation rows `(x, x_scales)` ([`widen`]
     /// codes, `[m, k / 32]` scales): per block, four pair products of i16 into i32 lanes, an
     /// exact sum weighted by both scales.
-    pub(super) fn rows(
+    pub(super) fn rows<S: Scale>(
         (x, x_scales): (&[v128], &[f32]),
         m: usize,
         k: usize,
-        (codes, scales): (&[i8], &[f32]),
+        (codes, scales): (&[i8], &[S]),
         j0: usize,
         out: &mut [f32],
     ) {
         let blocks = k / BLOCK;
-        for (t, o) in out.chunks_exact_mut(m).enumerate() {
-            let j = j0 + t;
-            let c = &codes[j * k..(j + 1) * k];
-            let s = &scales[j * blocks..(j + 1) * blocks];
-            for (r, o) in o.iter_mut().enumerate() {
-                let xr = &x[r * k / 8..(r + 1) * k / 8];
-                let xs = &x_scales[r * blocks..(r + 1) * blocks];
-                let mut acc = f32x4_splat(0.0);
-                for ((block, xb), (&s, &xs)) in c
-                    .chunks_exact(BLOCK)
-                    .zip(xr.chunks_exact(4))
-                    .zip(s.iter().zip(xs))
-                {
-                    // SAFETY: a block holds 32 codes, read 16 at a time.
-                    let (c0, c1) = unsafe {
-                        (
-                            v128_load(block.as_ptr().cast()),
-                            v128_load(block.as_ptr().add(16).cast()),
-                        )
-                    };
-                    let low = i32x4_add(
-                        i32x4_dot_i16x8(i16x8_extend_low_i8x16(c0), xb[0]),
-                        i32x4_dot_i16x8(i16x8_extend_high_i8x16(c0), xb[1]),
-                    );
-                    let high = i32x4_add(
-                        i32x4_dot_i16x8(i16x8_extend_low_i8x16(c1), xb[2]),
-                        i32x4_dot_i16x8(i16x8_extend_high_i8x16(c1), xb[3]),
-                    );
-                    let sum = f32x4_convert_i32x4(i32x4_add(low, high));
-                    acc = f32x4_add(acc, f32x4_mul(sum, f32x4_splat(s * xs)));
+        let mut widened = Vec::new();
+        for (c, stretch) in out.chunks_mut(SCALE_ROWS * m).enumerate() {
+            let first = j0 + c * SCALE_ROWS;
+            let count = stretch.len() / m;
+            let stretch_scales = S::widen(
+                &scales[first * blocks..(first + count) * blocks],
+                &mut widened,
+            );
+            for (t, o) in stretch.chunks_exact_mut(m).enumerate() {
+                let j = first + t;
+                let c = &codes[j * k..(j + 1) * k];
+                let s = &stretch_scales[t * blocks..(t + 1) * blocks];
+                for (r, o) in o.iter_mut().enumerate() {
+                    let xr = &x[r * k / 8..(r + 1) * k / 8];
+                    let xs = &x_scales[r * blocks..(r + 1) * blocks];
+                    let mut acc = f32x4_splat(0.0);
+                    for ((block, xb), (&s, &xs)) in c
+                        .chunks_exact(BLOCK)
+                        .zip(xr.chunks_exact(4))
+                        .zip(s.iter().zip(xs))
+                    {
+                        // SAFETY: a block holds 32 codes, read 16 at a time.
+                        let (c0, c1) = unsafe {
+                            (
+                                v128_load(block.as_ptr().cast()),
+                                v128_load(block.as_ptr().add(16).cast()),
+                            )
+                        };
+                        let low = i32x4_add(
+                            i32x4_dot_i16x8(i16x8_extend_low_i8x16(c0), xb[0]),
+                            i32x4_dot_i16x8(i16x8_extend_high_i8x16(c0), xb[1]),
+                        );
+                        let high = i32x4_add(
+                            i32x4_dot_i16x8(i16x8_extend_low_i8x16(c1), xb[2]),
+                            i32x4_dot_i16x8(i16x8_extend_high_i8x16(c1), xb[3]),
+                        );
+                        let sum = f32x4_convert_i32x4(i32x4_add(low, high));
+                        acc = f32x4_add(acc, f32x4_mul(sum, f32x4_splat(s * xs)));
+                    }
+                    *o = (f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc))
+                        + (f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc));
                 }
-                *o = (f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc))
-                    + (f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc));
             }
         }
     }
 }
 
 /// [`matvec`] up to [`MAX_ROWS`] rows; beyond, panels of rows dequantized for the GEMM.
-pub fn product(
+pub fn product<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Vec<f32> {
     if m <= MAX_ROWS {
@@ -339,7 +357,7 @@ pub fn product(
 }
 
 /// Row `j` of the table (codes and scales, rows of `k`) as f32 values in `out`.
-fn dequantize_row(codes: Codes<'_>, scales: &[f32], k: usize, j: usize, out: &mut [f32]) {
+fn dequantize_row<S: Scale>(codes: Codes<'_>, scales: &[S], k: usize, j: usize, out: &mut [f32]) {
     let blocks = k / BLOCK;
     let scales = &scales[j * blocks..(j + 1) * blocks];
     let (row, halves): (&[u8], bool) = match codes {
@@ -347,7 +365,8 @@ fn dequantize_row(codes: Codes<'_>, scales: &[f32], k: usize, j: usize, out: &mu
         Codes::HalfBlocks(halves) => (&halves[j * k / 2..(j + 1) * k / 2], true),
         Codes::RowPairs(_) => return out.fill(f32::NAN),
     };
-    for (b, (o, &s)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
+    for (b, (o, s)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
+        let s = s.get();
         let w = if halves {
             widen_block::<true>(row, b)
         } else {
@@ -361,7 +380,12 @@ fn dequantize_row(codes: Codes<'_>, scales: &[f32], k: usize, j: usize, out: &mu
 
 /// The rows `ids` of the table (codes `[n, k]`, scales `[n, k / 32]`) dequantized,
 /// `[ids.len(), k]`; `None` if an id is not below `n`, or for a linear weight's layout.
-pub fn gather(codes: Codes<'_>, scales: &[f32], k: usize, ids: &[usize]) -> Option<Vec<f32>> {
+pub fn gather<S: Scale>(
+    codes: Codes<'_>,
+    scales: &[S],
+    k: usize,
+    ids: &[usize],
+) -> Option<Vec<f32>> {
     if matches!(codes, Codes::RowPairs(_)) {
         return None;
     }

@@ -21,7 +21,7 @@
 
 use super::activations::quantize_activations;
 use crate::packed::Codes;
-use crate::quantize::{BLOCK, nibble_code};
+use crate::quantize::{BLOCK, Scale, nibble_code};
 
 /// Rows of a micro tile: six rows by two registers of sums, in integers and in f32, fit in the
 /// 32 vector registers with the weights and a broadcast activation.
@@ -38,7 +38,9 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("f16c")
     })
 }
 
@@ -46,9 +48,9 @@ pub fn available() -> bool {
 /// `j0`, as the micro kernel reads them: groups of four consecutive inputs of each column
 /// side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), and the scales
 /// `[k / 32][NR]`. Columns past `n` get code 0 (byte 128) and scale 0.
-fn pack_panel(
+fn pack_panel<S: Scale>(
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     k: usize,
     n: usize,
     j0: usize,
@@ -85,7 +87,9 @@ fn pack_panel(
         _ => pack_panel_scalar(codes, k, n, j0, width, out),
     }
     for (b, s) in out_scales.chunks_exact_mut(NR).enumerate() {
-        s[..width].copy_from_slice(&scales[b * n + j0..b * n + j0 + width]);
+        for (s, scale) in s.iter_mut().zip(&scales[b * n + j0..b * n + j0 + width]) {
+            *s = scale.get();
+        }
         s[width..].fill(0.0);
     }
 }
@@ -122,12 +126,12 @@ fn pack_panel_scalar(
 /// `y = x · (c·s)` for `x` `[m, k]` (f32, row-major), codes `[k, n]` and scales `[k / 32, n]`
 /// (`k` a multiple of 32), with the activations quantized per block: `[m, n]`. `None` where
 /// the processor lacks the VNNI products.
-pub fn matmul(
+pub fn matmul<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Option<Vec<f32>> {
     debug_assert_eq!(codes.count(), k * n);
@@ -187,12 +191,12 @@ const TILE: usize = 64;
 /// in registers and adds their products into integer block sums `[m, n]` that stay in cache,
 /// and each block's sums are weighted by both scales into the outputs once. `None` where the
 /// processor lacks the VNNI products.
-pub fn matvec(
+pub fn matvec<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Option<Vec<f32>> {
     debug_assert_eq!(codes.count(), k * n);
@@ -207,11 +211,11 @@ pub fn matvec(
             match codes {
                 Codes::Bytes(codes) => {
                     let codes = (codes.as_ptr().cast::<u8>(), codes.len());
-                    x86::code_rows::<false>(&activations, m, k, (codes, scales, n), range, out)
+                    x86::code_rows::<_, false>(&activations, m, k, (codes, scales, n), range, out)
                 }
                 Codes::RowPairs(pairs) => {
                     let codes = (pairs.as_ptr(), pairs.len());
-                    x86::code_rows::<true>(&activations, m, k, (codes, scales, n), range, out)
+                    x86::code_rows::<_, true>(&activations, m, k, (codes, scales, n), range, out)
                 }
                 // A table's layout, turned away above.
                 Codes::HalfBlocks(_) => {}
@@ -226,16 +230,16 @@ pub fn matvec(
 /// `vpdpbusd` (the codes `c + 8` unsigned as they lie), into integer sums that start at minus
 /// `8 · Σ x`; the rows are split between the cores. Widening the nibbles to f32 instead costs
 /// more than reading them. `None` where the processor lacks the VNNI products, or for any
-/// other layout.
-pub fn half_block_rows(
+/// other layout or scales not in f16.
+pub fn half_block_rows<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
     codes: Codes<'_>,
-    scales: &[f32],
+    scales: &[S],
     n: usize,
 ) -> Option<Vec<f32>> {
-    let Codes::HalfBlocks(halves) = codes else {
+    let (Codes::HalfBlocks(halves), Some(scales)) = (codes, S::as_f16(scales)) else {
         return None;
     };
     debug_assert_eq!(2 * halves.len(), n * k);
@@ -267,7 +271,12 @@ mod x86 {
     use crate::kernels::activations::Activations;
     const PREFETCH: i32 = _MM_HINT_T1;
     const AHEAD: usize = 2;
-    use crate::quantize::{BLOCK, nibble_code};
+    use half::f16;
+
+    use crate::quantize::{BLOCK, Scale, nibble_code};
+
+    /// Blocks of a table row whose scales [`half_block_rows`] holds in registers at a time.
+    const SPAN: usize = 32;
 
     /// Four rows of [`NR`] codes interleaved into `out` (`[NR][4]`), each shifted by 128.
     #[target_feature(enable = "sse2")]
@@ -335,11 +344,11 @@ mod x86 {
     /// registers (columns past the last whole tile one at a time, in order); then the sums are
     /// weighted by both scales into `out`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn code_rows<const PAIRS: bool>(
+    pub(super) unsafe fn code_rows<S: Scale, const PAIRS: bool>(
         a: &Activations,
         m: usize,
         k: usize,
-        ((codes, bytes), scales, n): ((*const u8, usize), &[f32], usize),
+        ((codes, bytes), scales, n): ((*const u8, usize), &[S], usize),
         (i0, i1): (usize, usize),
         out: &mut [f32],
     ) {
@@ -355,6 +364,7 @@ mod x86 {
         let shift = _mm512_set1_epi8(i8::MIN);
         let low = _mm512_set1_epi8(0x0f);
         let mut sums = vec![0i32; m * n];
+        let mut widened = Vec::new();
         for b0 in (i0..i1).step_by(BLOCK) {
             let b = b0 / BLOCK;
             for (r, row) in sums.chunks_exact_mut(n).enumerate() {
@@ -430,7 +440,7 @@ mod x86 {
                     }
                 }
             }
-            let s = &scales[b * n..(b + 1) * n];
+            let s = S::widen(&scales[b * n..(b + 1) * n], &mut widened);
             for r in 0..m {
                 let x_scale = a.scales[r * blocks + b];
                 let (row, sums) = (&mut out[r * n..(r + 1) * n], &sums[r * n..(r + 1) * n]);
@@ -460,22 +470,28 @@ mod x86 {
 
     /// Fills `out` (`[rows, m]`) with the products of the table rows from `j0` (half blocks)
     /// and the `m` quantized activation rows `a` (`lane_offsets`: each block's offset per lane,
-    /// see [`super::half_block_rows`]): two blocks a step, their sums weighted by both scales
-    /// lane by lane, a last odd block in scalars.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    /// see [`super::half_block_rows`]): two blocks a step, a last odd block in scalars. The
+    /// blocks' weights (both scales) and offsets are taken 32 blocks at a time into two
+    /// registers each, from which every step picks its two blocks' lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn half_block_rows(
         a: &Activations,
         lane_offsets: &[i32],
         m: usize,
         k: usize,
-        (halves, scales): (&[u8], &[f32]),
+        (halves, scales): (&[u8], &[f16]),
         j0: usize,
         out: &mut [f32],
     ) {
         let blocks = k / BLOCK;
         let stride = k / 2;
         debug_assert!(halves.len() >= (j0 + out.len() / m) * stride);
+        debug_assert!(scales.len() >= (j0 + out.len() / m) * blocks);
+        debug_assert!(a.scales.len() >= m * blocks && lane_offsets.len() >= m * blocks);
         let low = _mm256_set1_epi8(0x0f);
+        // Lanes 0..8 take the first block of a step, lanes 8..16 the second.
+        let first_step = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let two = _mm512_set1_epi32(2);
         for (t, o) in out.chunks_exact_mut(m).enumerate() {
             let j = j0 + t;
             let row = &halves[j * stride..(j + 1) * stride];
@@ -492,24 +508,47 @@ mod x86 {
             };
             for (r, o) in o.iter_mut().enumerate() {
                 let ax = &a.codes[r * k..(r + 1) * k];
-                let (xs, offs) = (&a.scales[r * blocks..], &lane_offsets[r * blocks..]);
+                let xs = &a.scales[r * blocks..(r + 1) * blocks];
+                let offs = &lane_offsets[r * blocks..(r + 1) * blocks];
                 let mut acc = _mm512_setzero_ps();
-                for p in 0..blocks / 2 {
-                    let (b0, b1) = (2 * p, 2 * p + 1);
-                    // SAFETY: the activation codes of blocks `2p`, `2p + 1`: 64 bytes.
-                    let x = unsafe { _mm512_loadu_si512(ax.as_ptr().add(64 * p).cast()) };
-                    let start = _mm512_mask_blend_epi32(
-                        0xff00,
-                        _mm512_set1_epi32(-offs[b0]),
-                        _mm512_set1_epi32(-offs[b1]),
-                    );
-                    let dot = _mm512_dpbusd_epi32(start, pair(p), x);
-                    let scale = _mm512_mask_blend_ps(
-                        0xff00,
-                        _mm512_set1_ps(s[b0] * xs[b0]),
-                        _mm512_set1_ps(s[b1] * xs[b1]),
-                    );
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+                for b0 in (0..blocks / 2 * 2).step_by(SPAN) {
+                    let count = (blocks / 2 * 2 - b0).min(SPAN);
+                    // Blocks `b0..b0 + count`: sixteen to a register, the rest of the last
+                    // register zero.
+                    let table = |half: usize| {
+                        let start = b0 + 16 * half;
+                        let lanes = count.saturating_sub(16 * half).min(16);
+                        let mask = ((1u32 << lanes) - 1) as __mmask16;
+                        // SAFETY: the masked loads read `lanes` values from block `start`,
+                        // within the row's scales and the activations' tables (none at all
+                        // for an empty register, whose address may lie past them).
+                        unsafe {
+                            let w = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                                mask,
+                                s.as_ptr().wrapping_add(start).cast(),
+                            ));
+                            let x = _mm512_maskz_loadu_ps(mask, xs.as_ptr().wrapping_add(start));
+                            let offset = _mm512_maskz_loadu_epi32(
+                                mask,
+                                offs.as_ptr().wrapping_add(start).cast(),
+                            );
+                            (
+                                _mm512_mul_ps(w, x),
+                                _mm512_sub_epi32(_mm512_setzero_si512(), offset),
+                            )
+                        }
+                    };
+                    let ((weight_lo, start_lo), (weight_hi, start_hi)) = (table(0), table(1));
+                    let mut lanes = first_step;
+                    for p in b0 / 2..(b0 + count) / 2 {
+                        // SAFETY: the activation codes of blocks `2p`, `2p + 1`: 64 bytes.
+                        let x = unsafe { _mm512_loadu_si512(ax.as_ptr().add(64 * p).cast()) };
+                        let start = _mm512_permutex2var_epi32(start_lo, lanes, start_hi);
+                        let dot = _mm512_dpbusd_epi32(start, pair(p), x);
+                        let weight = _mm512_permutex2var_ps(weight_lo, lanes, weight_hi);
+                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), weight, acc);
+                        lanes = _mm512_add_epi32(lanes, two);
+                    }
                 }
                 let mut total = _mm512_reduce_add_ps(acc);
                 if blocks % 2 == 1 {
@@ -522,7 +561,7 @@ mod x86 {
                             i32::from(c) * i32::from(ax[b * BLOCK + i])
                         })
                         .sum();
-                    total += dot as f32 * (s[b] * xs[b]);
+                    total += dot as f32 * (s[b].get() * xs[b]);
                 }
                 *o = total;
             }
@@ -596,8 +635,9 @@ mod tests {
     use super::*;
     use crate::kernels::activations::Activations;
     use crate::packed::{pack_half_blocks, pack_row_pairs};
-    use crate::quantize::Quantization;
+    use crate::quantize::{Quantization, f16_scales};
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt};
+    use half::f16;
 
     /// The product with both operands' codes and scales, in f64: what the integer products
     /// must give up to the f32 rounding of the sums.
@@ -693,13 +733,17 @@ mod tests {
         if !available() {
             return;
         }
-        // An odd last block, one task's rows and many, one to eight activation rows.
+        // An odd last block, one task's rows and many, one to eight activation rows, rows of
+        // more blocks than the registers hold at a time (two spans; a span, a short one and
+        // an odd block).
         for (m, k, n) in [
             (1, 32, 3),
             (2, 96, 40),
             (1, 896, 1000),
             (8, 160, 77),
             (3, 64, 1),
+            (1, 2048, 40),
+            (2, 1120, 50),
         ] {
             let x = values(m * k, 21 + k as u64);
             let w = quantized_weight(n, k, 22 + n as u64, Quantization::Q4);
@@ -707,12 +751,16 @@ mod tests {
             let exact = reference(&a, m, k, &w.codes, &w.scales, n);
             let halves = pack_half_blocks(&w.codes);
             let codes = Codes::HalfBlocks(&halves);
-            let got = half_block_rows(&x, m, k, codes, &w.scales, n).expect("available");
+            let scales = f16_scales(&w.scales);
+            let got = half_block_rows(&x, m, k, codes, &scales, n).expect("available");
             let e = worst(&got, &exact);
             assert!(e <= 1e-5 * (k as f32).sqrt(), "{m}x{k}x{n}: off by {e}");
+            // The packed tables' layout only: f32 scales go to the widening kernel.
+            assert!(half_block_rows(&x, m, k, codes, &w.scales, n).is_none());
         }
         let bytes = Codes::Bytes(&[0; 32]);
-        assert!(half_block_rows(&[0.0; 32], 1, 32, bytes, &[1.0], 1).is_none());
+        let one = [f16::ONE];
+        assert!(half_block_rows(&[0.0; 32], 1, 32, bytes, &one, 1).is_none());
     }
 
     #[test]
@@ -731,6 +779,7 @@ mod tests {
             let y = matvec(&x, 1, 64, codes, &scales, n).expect("available");
             assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
             let halves = vec![0x99u8; 32 * n];
+            let scales = f16_scales(&scales);
             let y = half_block_rows(&x, 1, 64, Codes::HalfBlocks(&halves), &scales, n);
             assert!(y.expect("available").iter().all(|v| v.is_nan()));
         }
