@@ -18,6 +18,8 @@ pub mod attend;
 pub mod dot;
 pub mod dpbf16;
 pub mod gemm;
+#[cfg(feature = "threads")]
+mod pool;
 pub mod quant;
 pub mod quant_rows;
 #[cfg(target_arch = "x86_64")]
@@ -50,10 +52,20 @@ fn threads() -> usize {
 fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     #[cfg(feature = "threads")]
     {
-        use rayon::prelude::*;
-        data.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        /// The start of `data`, shared by the tasks, each of which writes its own chunk.
+        struct Start(*mut f32);
+        // SAFETY: the tasks write disjoint chunks, each claimed by one task.
+        unsafe impl Sync for Start {}
+        let (len, chunk) = (data.len(), chunk.max(1));
+        let start = Start(data.as_mut_ptr());
+        let start = &start;
+        pool::run(threads(), len.div_ceil(chunk), &move |i| {
+            let from = i * chunk;
+            // SAFETY: chunk `i` lies within `data`, and no other task touches it.
+            let c =
+                unsafe { std::slice::from_raw_parts_mut(start.0.add(from), chunk.min(len - from)) };
+            f(i, c);
+        });
     }
     #[cfg(not(feature = "threads"))]
     for (i, c) in data.chunks_mut(chunk).enumerate() {
@@ -61,9 +73,10 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) 
     }
 }
 
-/// Runs `f` on one of the kernels' worker threads (on this thread without threads): a
-/// decode step runs a hundred parallel products, and a caller outside the pool would hand
-/// each one over and sleep until it is done, paying a wake-up per product.
+/// Runs `f` on one of rayon's worker threads (on this thread without threads): Burn's flex
+/// ops split their work with rayon, and a caller outside rayon's pool would hand each op over
+/// and sleep until it is done, paying a wake-up per op. (The kernels' own products run on
+/// [`pool`], whose caller takes part in them.)
 pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "threads")]
     {
@@ -79,10 +92,7 @@ pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn for_each_index(count: usize, f: impl Fn(usize) + Sync + Send) {
     #[cfg(feature = "threads")]
-    {
-        use rayon::prelude::*;
-        (0..count).into_par_iter().for_each(f);
-    }
+    pool::run(threads(), count, &f);
     #[cfg(not(feature = "threads"))]
     (0..count).for_each(f);
 }
