@@ -31,6 +31,13 @@ pub trait Weight: Copy + Send + Sync + 'static {
         }
     }
 
+    /// `src` as f32: itself for f32, else widened into `buf` (of the same length).
+    #[inline(always)]
+    fn widened<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        Self::widen(src, buf);
+        buf
+    }
+
     /// `LANES` elements as f32, by value (so that they stay in registers).
     #[inline(always)]
     fn chunk(src: &[Self; LANES]) -> [f32; LANES] {
@@ -43,6 +50,11 @@ impl Weight for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+
+    #[inline(always)]
+    fn widened<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
 }
 
 impl Weight for bf16 {
@@ -50,6 +62,14 @@ impl Weight for bf16 {
     fn to_f32(self) -> f32 {
         // bf16 is the upper half of an f32: a shift, which vectorises.
         f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+
+    #[inline(always)]
+    fn chunk(src: &[Self; LANES]) -> [f32; LANES] {
+        // As for f16: the per-lane closure of the default is left a call, not vectorised.
+        let mut out = [0.0f32; LANES];
+        Self::widen(src, &mut out);
+        out
     }
 }
 
@@ -111,7 +131,28 @@ fn row_dots<W: Weight, const R: usize, const FMA: bool>(w: &[W], x: &[&[f32]; R]
             }
         }
     }
-    std::array::from_fn(|r| acc[r].iter().sum::<f32>() + tail[r])
+    // A loop, not `array::from_fn`, whose closure is left a call outside the caller's
+    // instruction set.
+    let mut sums = tail;
+    for (sum, acc) in sums.iter_mut().zip(&acc) {
+        *sum += lane_sum(acc);
+    }
+    sums
+}
+
+/// The sum of the lanes, halving them a step (in registers), not one lane after another: a
+/// short row (an attention head's 64 values) would otherwise wait on 31 dependent adds.
+#[inline(always)]
+pub(crate) fn lane_sum(acc: &[f32; LANES]) -> f32 {
+    let mut v = *acc;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            v[i] += v[i + width];
+        }
+        width /= 2;
+    }
+    v[0]
 }
 
 /// `out[j·m + r] = Σ_i w[j·k + i] · x[r·k + i]` for the weight rows of `w` (a block of the
@@ -257,12 +298,12 @@ fn weighted_rows_body<W: Weight, const FMA: bool>(
     out: &mut [f32],
 ) {
     let len = v.len() / w.max(1);
-    let mut widened = vec![0.0f32; w];
+    let mut buf = vec![0.0f32; w];
     for s in 0..len {
-        W::widen(&v[s * w..(s + 1) * w], &mut widened);
+        let widened = W::widened(&v[s * w..(s + 1) * w], &mut buf);
         for r in 0..rows {
             let weight = p[r * len + s];
-            for (o, &x) in out[r * w..(r + 1) * w].iter_mut().zip(&widened) {
+            for (o, &x) in out[r * w..(r + 1) * w].iter_mut().zip(widened) {
                 *o = madd::<FMA>(weight, x, *o);
             }
         }

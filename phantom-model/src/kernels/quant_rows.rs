@@ -83,7 +83,13 @@ fn dot_row<const R: usize, const FMA: bool, const HALVES: bool>(
             }
         }
     }
-    std::array::from_fn(|r| acc[r].iter().sum())
+    // A loop, not `array::from_fn`, whose closure is left a call outside the caller's
+    // instruction set.
+    let mut sums = [0.0f32; R];
+    for (sum, acc) in sums.iter_mut().zip(&acc) {
+        *sum = acc.iter().sum();
+    }
+    sums
 }
 
 /// Fills `out` (`[rows, m]`: each output row's `m` products in turn) for the code rows
