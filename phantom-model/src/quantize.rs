@@ -287,10 +287,6 @@ fn valid_scale(raw: f32) -> f32 {
     }
 }
 
-/// Rows of a table whose scales a kernel widens to f32 at a time: a few KiB, in cache, and
-/// one conversion call per stretch rather than per row.
-pub const SCALE_ROWS: usize = 64;
-
 /// A block scale as the kernels read it: f16, as the packed weights hold them (every scale is
 /// an f16 value, rounded up to one when it is made), or f32, as Burn's quantized tensors do.
 pub trait Scale: Copy + Send + Sync + 'static {

@@ -135,24 +135,9 @@ fn row_dots<W: Weight, const R: usize, const FMA: bool>(w: &[W], x: &[&[f32]; R]
     // instruction set.
     let mut sums = tail;
     for (sum, acc) in sums.iter_mut().zip(&acc) {
-        *sum += lane_sum(acc);
+        *sum += acc.iter().sum::<f32>();
     }
     sums
-}
-
-/// The sum of the lanes, halving them a step (in registers), not one lane after another: a
-/// short row (an attention head's 64 values) would otherwise wait on 31 dependent adds.
-#[inline(always)]
-pub(crate) fn lane_sum(acc: &[f32; LANES]) -> f32 {
-    let mut v = *acc;
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            v[i] += v[i + width];
-        }
-        width /= 2;
-    }
-    v[0]
 }
 
 /// `out[j·m + r] = Σ_i w[j·k + i] · x[r·k + i]` for the weight rows of `w` (a block of the
