@@ -15,8 +15,9 @@ use super::dot::MAX_ROWS;
 use crate::packed::Codes;
 use crate::quantize::{BLOCK, Scale, nibble_code};
 
-/// Table rows whose scales [`each_row`] widens to f32 at a time: a few KiB, in cache, and one
-/// conversion per stretch rather than per row.
+/// Table rows whose scales a kernel widens to f32 at a time: a few KiB, in cache, and one
+/// conversion per stretch rather than per row. (The walk over them is written out in each
+/// kernel: a closure would not be compiled for the kernel's instruction set.)
 const SCALE_ROWS: usize = 64;
 
 /// Lanes of one accumulator: an AVX-512 register, two AVX2 ones.
@@ -111,41 +112,8 @@ fn rows_body<S: Scale, const FMA: bool, const HALVES: bool>(
     j0: usize,
     out: &mut [f32],
 ) {
+    let blocks = k / BLOCK;
     let stride = if HALVES { k / 2 } else { k };
-    each_row(out, m, j0, k / BLOCK, scales, |j, s, o| {
-        let c = &codes[j * stride..(j + 1) * stride];
-        let mut r0 = 0;
-        while r0 < m {
-            let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
-            let take = (m - r0).min(4);
-            let o = &mut o[r0..r0 + take];
-            match take {
-                1 => o.copy_from_slice(&dot_row::<1, FMA, HALVES>([xr(0)], c, s)),
-                2 => o.copy_from_slice(&dot_row::<2, FMA, HALVES>([xr(0), xr(1)], c, s)),
-                3 => o.copy_from_slice(&dot_row::<3, FMA, HALVES>([xr(0), xr(1), xr(2)], c, s)),
-                _ => o.copy_from_slice(&dot_row::<4, FMA, HALVES>(
-                    [xr(0), xr(1), xr(2), xr(3)],
-                    c,
-                    s,
-                )),
-            }
-            r0 += take;
-        }
-    });
-}
-
-/// Calls `row(j, s, o)` for the table rows `j` from `j0` whose `m` outputs `o` come in turn
-/// in `out` (`[rows, m]`), with `s` row `j`'s block scales in f32, widened a stretch of rows
-/// at a time.
-#[inline(always)]
-fn each_row<S: Scale>(
-    out: &mut [f32],
-    m: usize,
-    j0: usize,
-    blocks: usize,
-    scales: &[S],
-    mut row: impl FnMut(usize, &[f32], &mut [f32]),
-) {
     let mut widened = Vec::new();
     for (c, stretch) in out.chunks_mut(SCALE_ROWS * m).enumerate() {
         let first = j0 + c * SCALE_ROWS;
@@ -155,7 +123,26 @@ fn each_row<S: Scale>(
             &mut widened,
         );
         for (t, o) in stretch.chunks_exact_mut(m).enumerate() {
-            row(first + t, &stretch_scales[t * blocks..(t + 1) * blocks], o);
+            let j = first + t;
+            let c = &codes[j * stride..(j + 1) * stride];
+            let s = &stretch_scales[t * blocks..(t + 1) * blocks];
+            let mut r0 = 0;
+            while r0 < m {
+                let xr = |r: usize| &x[(r0 + r) * k..(r0 + r + 1) * k];
+                let take = (m - r0).min(4);
+                let o = &mut o[r0..r0 + take];
+                match take {
+                    1 => o.copy_from_slice(&dot_row::<1, FMA, HALVES>([xr(0)], c, s)),
+                    2 => o.copy_from_slice(&dot_row::<2, FMA, HALVES>([xr(0), xr(1)], c, s)),
+                    3 => o.copy_from_slice(&dot_row::<3, FMA, HALVES>([xr(0), xr(1), xr(2)], c, s)),
+                    _ => o.copy_from_slice(&dot_row::<4, FMA, HALVES>(
+                        [xr(0), xr(1), xr(2), xr(3)],
+                        c,
+                        s,
+                    )),
+                }
+                r0 += take;
+            }
         }
     }
 }
@@ -289,6 +276,7 @@ fn widened_matvec<S: Scale>(
 mod wasm {
     use core::arch::wasm32::*;
 
+    use super::SCALE_ROWS;
     use crate::quantize::{BLOCK, Scale};
 
     /// Activation codes widened to i16, eight to a vector (four vectors a block).
@@ -316,39 +304,50 @@ mod wasm {
         out: &mut [f32],
     ) {
         let blocks = k / BLOCK;
-        super::each_row(out, m, j0, blocks, scales, |j, s, o| {
-            let c = &codes[j * k..(j + 1) * k];
-            for (r, o) in o.iter_mut().enumerate() {
-                let xr = &x[r * k / 8..(r + 1) * k / 8];
-                let xs = &x_scales[r * blocks..(r + 1) * blocks];
-                let mut acc = f32x4_splat(0.0);
-                for ((block, xb), (&s, &xs)) in c
-                    .chunks_exact(BLOCK)
-                    .zip(xr.chunks_exact(4))
-                    .zip(s.iter().zip(xs))
-                {
-                    // SAFETY: a block holds 32 codes, read 16 at a time.
-                    let (c0, c1) = unsafe {
-                        (
-                            v128_load(block.as_ptr().cast()),
-                            v128_load(block.as_ptr().add(16).cast()),
-                        )
-                    };
-                    let low = i32x4_add(
-                        i32x4_dot_i16x8(i16x8_extend_low_i8x16(c0), xb[0]),
-                        i32x4_dot_i16x8(i16x8_extend_high_i8x16(c0), xb[1]),
-                    );
-                    let high = i32x4_add(
-                        i32x4_dot_i16x8(i16x8_extend_low_i8x16(c1), xb[2]),
-                        i32x4_dot_i16x8(i16x8_extend_high_i8x16(c1), xb[3]),
-                    );
-                    let sum = f32x4_convert_i32x4(i32x4_add(low, high));
-                    acc = f32x4_add(acc, f32x4_mul(sum, f32x4_splat(s * xs)));
+        let mut widened = Vec::new();
+        for (c, stretch) in out.chunks_mut(SCALE_ROWS * m).enumerate() {
+            let first = j0 + c * SCALE_ROWS;
+            let count = stretch.len() / m;
+            let stretch_scales = S::widen(
+                &scales[first * blocks..(first + count) * blocks],
+                &mut widened,
+            );
+            for (t, o) in stretch.chunks_exact_mut(m).enumerate() {
+                let j = first + t;
+                let c = &codes[j * k..(j + 1) * k];
+                let s = &stretch_scales[t * blocks..(t + 1) * blocks];
+                for (r, o) in o.iter_mut().enumerate() {
+                    let xr = &x[r * k / 8..(r + 1) * k / 8];
+                    let xs = &x_scales[r * blocks..(r + 1) * blocks];
+                    let mut acc = f32x4_splat(0.0);
+                    for ((block, xb), (&s, &xs)) in c
+                        .chunks_exact(BLOCK)
+                        .zip(xr.chunks_exact(4))
+                        .zip(s.iter().zip(xs))
+                    {
+                        // SAFETY: a block holds 32 codes, read 16 at a time.
+                        let (c0, c1) = unsafe {
+                            (
+                                v128_load(block.as_ptr().cast()),
+                                v128_load(block.as_ptr().add(16).cast()),
+                            )
+                        };
+                        let low = i32x4_add(
+                            i32x4_dot_i16x8(i16x8_extend_low_i8x16(c0), xb[0]),
+                            i32x4_dot_i16x8(i16x8_extend_high_i8x16(c0), xb[1]),
+                        );
+                        let high = i32x4_add(
+                            i32x4_dot_i16x8(i16x8_extend_low_i8x16(c1), xb[2]),
+                            i32x4_dot_i16x8(i16x8_extend_high_i8x16(c1), xb[3]),
+                        );
+                        let sum = f32x4_convert_i32x4(i32x4_add(low, high));
+                        acc = f32x4_add(acc, f32x4_mul(sum, f32x4_splat(s * xs)));
+                    }
+                    *o = (f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc))
+                        + (f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc));
                 }
-                *o = (f32x4_extract_lane::<0>(acc) + f32x4_extract_lane::<1>(acc))
-                    + (f32x4_extract_lane::<2>(acc) + f32x4_extract_lane::<3>(acc));
             }
-        });
+        }
     }
 }
 
