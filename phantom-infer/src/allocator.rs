@@ -5,10 +5,11 @@
 //! tokenizer's parse and the checkpoint's staging copies are freed early, but mimalloc would
 //! hold their pages (for a second, ten for whole arenas) next to the weights that follow,
 //! and the process would peak at weights plus garbage. So a load runs with purging at once
-//! and lazy arena commits, and the purge delay comes back when the weights are in place.
+//! and lazy arena commits, and the purge delay comes back when the weights are in place (the
+//! lazy commits stay: they cost decoding nothing measurable).
 
 use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -18,8 +19,10 @@ const ARENA_EAGER_COMMIT: mi_option_t = 4;
 /// `mi_option_purge_delay`, in milliseconds (same number in mimalloc 2 and 3).
 const PURGE_DELAY: mi_option_t = 15;
 
-/// The purge delay in force before [`loading`], restored by [`running`]; negative until then.
-static SAVED_PURGE_DELAY: AtomicI64 = AtomicI64::new(-1);
+/// The purge delay in force before [`loading`] (mimalloc's default, or the environment's),
+/// which [`running`] restores once.
+static SAVED_PURGE_DELAY: AtomicI64 = AtomicI64::new(0);
+static SAVED: AtomicBool = AtomicBool::new(false);
 
 /// Hands freed memory back to the OS at once, for the start-up that loads a model. Runs
 /// before anything allocates (an ELF constructor ordered ahead of mimalloc's own): the first
@@ -32,6 +35,7 @@ extern "C" fn loading() {
         #[allow(clippy::useless_conversion)]
         let delay = i64::from(mi_option_get(PURGE_DELAY));
         SAVED_PURGE_DELAY.store(delay, Ordering::Relaxed);
+        SAVED.store(true, Ordering::Release);
         mi_option_set(ARENA_EAGER_COMMIT, 0);
         mi_option_set(PURGE_DELAY, 0);
     }
@@ -44,8 +48,8 @@ static LOADING: extern "C" fn() = loading;
 
 /// Back to keeping freed memory a while, once a model's weights are in place.
 pub fn running() {
-    let delay = SAVED_PURGE_DELAY.swap(-1, Ordering::Relaxed);
-    if delay >= 0 {
+    if SAVED.swap(false, Ordering::Acquire) {
+        let delay = SAVED_PURGE_DELAY.load(Ordering::Relaxed);
         // SAFETY: as in `loading`.
         unsafe { mi_option_set(PURGE_DELAY, delay as _) };
     }
