@@ -3,7 +3,7 @@
 //!
 //! Keeping freed memory is right while a model runs and wrong while it loads: the
 //! tokenizer's parse and the checkpoint's staging copies are freed early, but mimalloc would
-//! hold their pages (for a second, ten for whole arenas) next to the weights that follow,
+//! hold their pages (for a second, its purge delay) next to the weights that follow,
 //! and the process would peak at weights plus garbage. So a load runs with purging at once
 //! and lazy arena commits, and the purge delay comes back when the weights are in place (the
 //! lazy commits stay: they cost decoding nothing measurable).
@@ -25,8 +25,10 @@ static SAVED_PURGE_DELAY: AtomicI64 = AtomicI64::new(0);
 static SAVED: AtomicBool = AtomicBool::new(false);
 
 /// Hands freed memory back to the OS at once, for the start-up that loads a model. Runs
-/// before anything allocates (an ELF constructor ordered ahead of mimalloc's own): the first
-/// arena is reserved by the first allocation, and an arena commits its memory as it is made.
+/// before anything allocates (an ELF constructor of priority 100, ahead of mimalloc's own at
+/// 101 or unprioritised): the first arena is reserved by the first allocation, and an arena
+/// commits its memory as it is made. The options read the environment on first use, which
+/// works this early, and are kept when mimalloc initialises.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 extern "C" fn loading() {
     // SAFETY: mimalloc's options are plain integers, set before any thread exists.
@@ -50,7 +52,8 @@ static LOADING: extern "C" fn() = loading;
 pub fn running() {
     if SAVED.swap(false, Ordering::Acquire) {
         let delay = SAVED_PURGE_DELAY.load(Ordering::Relaxed);
-        // SAFETY: as in `loading`.
+        // SAFETY: an option is a plain integer that mimalloc's threads read without locks, by
+        // design; the other threads see the new delay at their next purge.
         unsafe { mi_option_set(PURGE_DELAY, delay as _) };
     }
 }

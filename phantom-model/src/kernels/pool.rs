@@ -13,7 +13,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker watches for the next job before it sleeps.
@@ -132,8 +132,11 @@ impl Pool {
     /// Runs `task(i)` for `i` in `0..count` with the workers; `false` (nothing run) when
     /// another job holds the pool.
     fn run(&self, count: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
-        let Ok(_caller) = self.caller.try_lock() else {
-            return false;
+        let caller = match self.caller.try_lock() {
+            Ok(guard) => guard,
+            // A task of an earlier job panicked; every task of that job had finished.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
         };
         let job = Job { task };
         let epoch = unpack(self.next.load(SeqCst)).0.wrapping_add(1) & 0xffff;
@@ -157,6 +160,8 @@ impl Pool {
                 std::hint::spin_loop();
             }
         }
+        // Released before a panic resumes, so that the next job finds the pool free.
+        drop(caller);
         if self.panicked.load(SeqCst) {
             resume_unwind(Box::new("a kernel task panicked"));
         }
@@ -253,9 +258,21 @@ mod tests {
         });
         assert!(caught.is_err());
         let sum = AtomicUsize::new(0);
-        run(3, 16, &|i| {
+        let threads = Mutex::new(std::collections::HashSet::new());
+        run(3, 64, &|i| {
             sum.fetch_add(i, SeqCst);
+            threads
+                .lock()
+                .expect("not poisoned")
+                .insert(std::thread::current().id());
+            // Long enough for a worker to take some tasks.
+            std::thread::sleep(Duration::from_micros(200));
         });
-        assert_eq!(sum.load(SeqCst), 16 * 15 / 2);
+        assert_eq!(sum.load(SeqCst), 64 * 63 / 2);
+        // Still run in parallel, unless the pool has no workers on this machine.
+        if pool(2).is_some() {
+            let threads = threads.lock().expect("not poisoned").len();
+            assert!(threads > 1, "one thread after a panic");
+        }
     }
 }
