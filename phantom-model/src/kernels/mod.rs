@@ -371,10 +371,9 @@ mod tests {
                 let x = values(m * k, 8 + m as u64);
                 let hidden = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
                 let want = x_wt(&x, m, k, &dense, n);
-                // A decode step with the packed 4-bit table may quantize the activations
-                // (`vnni.rs` checks those products exactly).
-                let integer =
-                    scheme == Quantization::Q4 && m <= MAX_ROWS && quant::quantizes_activations();
+                // A decode step with a packed table may quantize the activations (`vnni.rs`
+                // checks those products exactly).
+                let integer = m <= MAX_ROWS && quant::quantizes_activations();
                 for (path, y) in [
                     ("packed", packed_product(&hidden, &packed)),
                     ("tensor", quantized_table_product(&hidden, &table)),

@@ -200,8 +200,8 @@ unsafe fn rows_avx2<S: Scale>(
 
 /// `y = x · (c·s)ᵀ` for `x` `[m, k]` (f32, row-major), codes `[n, k]` (one byte each, or a
 /// block's two halves to a byte) and scales `[n, k / 32]`: `y` is `[m, n]`. `k` must be a
-/// multiple of 32. Each code row is read once, whatever `m`; 4-bit codes in integers where the
-/// processor has the VNNI products ([`super::vnni::half_block_rows`]).
+/// multiple of 32. Each code row is read once, whatever `m`; in integers where the processor
+/// has the VNNI products ([`super::vnni::table_rows`]).
 pub fn matvec<S: Scale>(
     x: &[f32],
     m: usize,
@@ -211,7 +211,7 @@ pub fn matvec<S: Scale>(
     n: usize,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(y) = super::vnni::half_block_rows(x, m, k, codes, scales, n) {
+    if let Some(y) = super::vnni::table_rows(x, m, k, codes, scales, n) {
         return y;
     }
     widened_matvec(x, m, k, codes, scales, n)

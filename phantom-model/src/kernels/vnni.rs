@@ -224,14 +224,15 @@ pub fn matvec<S: Scale>(
     }))
 }
 
-/// `y = x · (c·s)ᵀ` for a 4-bit table laid out row-major, a block's two halves to a byte
-/// (`[n, k / 2]`, [`Codes::HalfBlocks`]), scales `[n, k / 32]` ([`super::quant_rows`]): the
-/// tied LM head of a decode step's few rows. Each table row is read once, two blocks a
-/// `vpdpbusd` (the codes `c + 8` unsigned as they lie), into integer sums that start at minus
-/// `8 · Σ x`; the rows are split between the cores. Widening the nibbles to f32 instead costs
-/// more than reading them. `None` where the processor lacks the VNNI products, or for any
-/// other layout or scales not in f16.
-pub fn half_block_rows<S: Scale>(
+/// `y = x · (c·s)ᵀ` for a quantized table laid out row-major (`[n, k]`, blocks along each row,
+/// scales `[n, k / 32]`, [`super::quant_rows`]): the tied LM head of a decode step's few rows.
+/// 8-bit codes lie a byte each ([`Codes::Bytes`]), 4-bit ones a block's two halves to a byte
+/// ([`Codes::HalfBlocks`]). Each table row is read once, two blocks a `vpdpbusd` (the codes
+/// made unsigned, `c + 128` or `c + 8` as they lie), into integer sums that start at minus the
+/// shift times `Σ x`; the rows are split between the cores. Widening the codes to f32 instead
+/// costs more than reading them. `None` where the processor lacks the VNNI products, or for a
+/// linear weight's layout or scales not in f16.
+pub fn table_rows<S: Scale>(
     x: &[f32],
     m: usize,
     k: usize,
@@ -239,10 +240,13 @@ pub fn half_block_rows<S: Scale>(
     scales: &[S],
     n: usize,
 ) -> Option<Vec<f32>> {
-    let (Codes::HalfBlocks(halves), Some(scales)) = (codes, S::as_f16(scales)) else {
-        return None;
+    let scales = S::as_f16(scales)?;
+    let (table, halves): (&[u8], bool) = match codes {
+        Codes::HalfBlocks(halves) => (halves, true),
+        Codes::Bytes(bytes) => (bytemuck::cast_slice(bytes), false),
+        Codes::RowPairs(_) => return None,
     };
-    debug_assert_eq!(2 * halves.len(), n * k);
+    debug_assert_eq!(table.len() * if halves { 2 } else { 1 }, n * k);
     debug_assert_eq!(scales.len(), n * k / BLOCK);
     if !available() {
         return None;
@@ -251,15 +255,26 @@ pub fn half_block_rows<S: Scale>(
         return Some(vec![0.0; m * n]);
     }
     let a = quantize_activations(x, m, k);
-    // `8 · Σ x` of each block (a sixteenth of the activations' `128 · Σ x`) spread over the
-    // block's eight lanes.
-    let lane_offsets: Vec<i32> = a.offsets.iter().map(|&o| o / 128).collect();
+    // Each block's shift times `Σ x` (the activations' offsets are `128 · Σ x`), spread over
+    // the block's eight lanes: `8 · Σ x` for 4-bit codes, `128 · Σ x` for 8-bit ones.
+    let lane_offsets: Vec<i32> = a
+        .offsets
+        .iter()
+        .map(|&o| if halves { o / 128 } else { o / 8 })
+        .collect();
     let per_task = super::dot::rows_per_task(n, k);
     let mut by_row = vec![0.0f32; n * m];
     super::for_each_chunk(&mut by_row, per_task * m, |task, out| {
-        let table = (halves, scales);
+        let weight = (table, scales);
+        let j0 = task * per_task;
         // SAFETY: `available()` detected every feature the kernel enables.
-        unsafe { x86::half_block_rows(&a, &lane_offsets, m, k, table, task * per_task, out) }
+        unsafe {
+            if halves {
+                x86::table_rows::<true>(&a, &lane_offsets, m, k, weight, j0, out)
+            } else {
+                x86::table_rows::<false>(&a, &lane_offsets, m, k, weight, j0, out)
+            }
+        }
     });
     Some(super::dot::row_major(by_row, m, n))
 }
@@ -275,7 +290,7 @@ mod x86 {
 
     use crate::quantize::{BLOCK, Scale, nibble_code};
 
-    /// Blocks of a table row whose scales [`half_block_rows`] holds in registers at a time.
+    /// Blocks of a table row whose scales [`table_rows`] holds in registers at a time.
     const SPAN: usize = 32;
 
     /// Four rows of [`NR`] codes interleaved into `out` (`[NR][4]`), each shifted by 128.
@@ -468,24 +483,25 @@ mod x86 {
         }
     }
 
-    /// Fills `out` (`[rows, m]`) with the products of the table rows from `j0` (half blocks)
-    /// and the `m` quantized activation rows `a` (`lane_offsets`: each block's offset per lane,
-    /// see [`super::half_block_rows`]): two blocks a step, a last odd block in scalars. The
-    /// blocks' weights (both scales) and offsets are taken 32 blocks at a time into two
-    /// registers each, from which every step picks its two blocks' lanes.
+    /// Fills `out` (`[rows, m]`) with the products of the table rows from `j0` (half blocks
+    /// with `HALVES`, else a byte a code) and the `m` quantized activation rows `a`
+    /// (`lane_offsets`: each block's offset per lane, see [`super::table_rows`]): two blocks a
+    /// step, a last odd block in scalars. The blocks' weights (both scales) and offsets are
+    /// taken 32 blocks at a time into two registers each, from which every step picks its two
+    /// blocks' lanes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    pub(super) unsafe fn half_block_rows(
+    pub(super) unsafe fn table_rows<const HALVES: bool>(
         a: &Activations,
         lane_offsets: &[i32],
         m: usize,
         k: usize,
-        (halves, scales): (&[u8], &[f16]),
+        (table, scales): (&[u8], &[f16]),
         j0: usize,
         out: &mut [f32],
     ) {
         let blocks = k / BLOCK;
-        let stride = k / 2;
-        debug_assert!(halves.len() >= (j0 + out.len() / m) * stride);
+        let stride = if HALVES { k / 2 } else { k };
+        debug_assert!(table.len() >= (j0 + out.len() / m) * stride);
         debug_assert!(scales.len() >= (j0 + out.len() / m) * blocks);
         debug_assert!(a.scales.len() >= m * blocks && lane_offsets.len() >= m * blocks);
         let low = _mm256_set1_epi8(0x0f);
@@ -494,10 +510,15 @@ mod x86 {
         let two = _mm512_set1_epi32(2);
         for (t, o) in out.chunks_exact_mut(m).enumerate() {
             let j = j0 + t;
-            let row = &halves[j * stride..(j + 1) * stride];
+            let row = &table[j * stride..(j + 1) * stride];
             let s = &scales[j * blocks..(j + 1) * blocks];
             // Blocks `2p` and `2p + 1` of the row as unsigned codes, in order.
             let pair = |p: usize| {
+                if !HALVES {
+                    // SAFETY: the two blocks' 64 bytes lie within the row.
+                    let v = unsafe { _mm512_loadu_si512(row.as_ptr().add(64 * p).cast()) };
+                    return _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN));
+                }
                 // SAFETY: the two blocks' 32 bytes lie within the row.
                 let v = unsafe { _mm256_loadu_si256(row.as_ptr().add(32 * p).cast()) };
                 let lo = _mm256_and_si256(v, low);
@@ -556,8 +577,12 @@ mod x86 {
                     let b = blocks - 1;
                     let dot: i32 = (0..BLOCK)
                         .map(|i| {
-                            let byte = row[b * BLOCK / 2 + i % (BLOCK / 2)];
-                            let c = nibble_code(byte >> (4 * (i / (BLOCK / 2))));
+                            let c = if HALVES {
+                                let byte = row[b * BLOCK / 2 + i % (BLOCK / 2)];
+                                nibble_code(byte >> (4 * (i / (BLOCK / 2))))
+                            } else {
+                                row[b * BLOCK + i] as i8
+                            };
                             i32::from(c) * i32::from(ax[b * BLOCK + i])
                         })
                         .sum();
@@ -729,7 +754,7 @@ mod tests {
     }
 
     #[test]
-    fn half_block_table_products_equal_the_products_of_both_codes() {
+    fn table_products_equal_the_products_of_both_codes() {
         if !available() {
             return;
         }
@@ -746,21 +771,29 @@ mod tests {
             (2, 1120, 50),
         ] {
             let x = values(m * k, 21 + k as u64);
-            let w = quantized_weight(n, k, 22 + n as u64, Quantization::Q4);
             let a = quantize_activations(&x, m, k);
-            let exact = reference(&a, m, k, &w.codes, &w.scales, n);
-            let halves = pack_half_blocks(&w.codes);
-            let codes = Codes::HalfBlocks(&halves);
-            let scales = f16_scales(&w.scales);
-            let got = half_block_rows(&x, m, k, codes, &scales, n).expect("available");
-            let e = worst(&got, &exact);
-            assert!(e <= 1e-5 * (k as f32).sqrt(), "{m}x{k}x{n}: off by {e}");
-            // The packed tables' layout only: f32 scales go to the widening kernel.
-            assert!(half_block_rows(&x, m, k, codes, &w.scales, n).is_none());
+            for scheme in [Quantization::Q8, Quantization::Q4] {
+                let w = quantized_weight(n, k, 22 + n as u64, scheme);
+                let exact = reference(&a, m, k, &w.codes, &w.scales, n);
+                let halves = pack_half_blocks(&w.codes);
+                let codes = match scheme {
+                    Quantization::Q8 => Codes::Bytes(&w.codes),
+                    Quantization::Q4 => Codes::HalfBlocks(&halves),
+                };
+                let scales = f16_scales(&w.scales);
+                let got = table_rows(&x, m, k, codes, &scales, n).expect("available");
+                let e = worst(&got, &exact);
+                assert!(
+                    e <= 1e-5 * (k as f32).sqrt(),
+                    "{scheme} {m}x{k}x{n}: off by {e}"
+                );
+                // The packed tables' scales only: f32 ones go to the widening kernel.
+                assert!(table_rows(&x, m, k, codes, &w.scales, n).is_none());
+            }
         }
-        let bytes = Codes::Bytes(&[0; 32]);
+        let pairs = Codes::RowPairs(&[0; 16]);
         let one = [f16::ONE];
-        assert!(half_block_rows(&[0.0; 32], 1, 32, bytes, &one, 1).is_none());
+        assert!(table_rows(&[0.0; 32], 1, 32, pairs, &one, 1).is_none());
     }
 
     #[test]
@@ -780,7 +813,9 @@ mod tests {
             assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
             let halves = vec![0x99u8; 32 * n];
             let scales = f16_scales(&scales);
-            let y = half_block_rows(&x, 1, 64, Codes::HalfBlocks(&halves), &scales, n);
+            let y = table_rows(&x, 1, 64, Codes::HalfBlocks(&halves), &scales, n);
+            assert!(y.expect("available").iter().all(|v| v.is_nan()));
+            let y = table_rows(&x, 1, 64, codes, &scales, n);
             assert!(y.expect("available").iter().all(|v| v.is_nan()));
         }
     }
