@@ -383,7 +383,8 @@ mod tests {
             let (codes, scales) = quantize_host(&values(n * k, 6), k, scheme);
             // `W` as Burn sees it, `[k, n]`, from the dequantized `[n, k]` rows.
             let w_nk = dequantize_host(&codes, &scales, k);
-            let packed = PackedWeight::columns(&codes, &scales, n, k, scheme);
+            let packed =
+                PackedWeight::columns(&codes, &crate::quantize::f16_scales(&scales), n, k, scheme);
             let id = ParamId::new();
             let layer = Linear {
                 weight: packed.param(id, &device),

@@ -18,10 +18,10 @@ use burn::module::{Param, ParamId};
 use burn::prelude::*;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::quantize::{
-    BLOCK, Quantization, Scale, column_scheme, f16_scales, nibble, nibble_code, row_scheme,
-    transpose_into,
+    BLOCK, Quantization, column_scheme, nibble, nibble_code, row_scheme, transpose_into,
 };
 
 /// How the codes of a [`PackedWeight`] `[rows, cols]` are cut into blocks of [`BLOCK`].
@@ -196,13 +196,7 @@ impl PackedWeight {
     ///
     /// # Panics
     /// Unless there are `n·k` codes and `n·k/32` scales.
-    pub fn columns<S: Scale>(
-        codes: &[i8],
-        scales: &[S],
-        n: usize,
-        k: usize,
-        scheme: Quantization,
-    ) -> Self {
+    pub fn columns(codes: &[i8], scales: &[f16], n: usize, k: usize, scheme: Quantization) -> Self {
         check_lengths(codes.len(), scales.len(), n, k);
         let codes_kn = transpose_into(codes, n, k, Vec::new());
         let codes = if scheme == Quantization::Q4 && row_pairs_read() {
@@ -212,7 +206,7 @@ impl PackedWeight {
         };
         Self(Arc::new(Packed {
             codes,
-            scales: transpose_into(&f16_scales(scales), n, k / BLOCK, Vec::new()),
+            scales: transpose_into(scales, n, k / BLOCK, Vec::new()),
             shape: [k, n],
             blocks: Blocks::DownColumns,
             scheme,
@@ -283,7 +277,7 @@ impl PackedWeight {
         let codes = self.codes().bytes(self.0.shape[1]);
         checkpoint_order(
             &codes,
-            &widened(&self.0.scales),
+            &self.0.scales.to_f32_vec(),
             self.0.shape,
             self.0.blocks,
         )
@@ -297,7 +291,7 @@ impl PackedWeight {
         };
         let bytes = self.codes().bytes(self.0.shape[1]);
         // Room for the scales, which Burn appends to the codes' allocation.
-        let scales = widened(&self.0.scales);
+        let scales = self.0.scales.to_f32_vec();
         let mut codes = Vec::with_capacity(bytes.len() + size_of_val(scales.as_slice()) + 16);
         codes.extend_from_slice(&bytes);
         TensorData::quantized(codes, self.0.shape, scheme, &scales, None)
@@ -335,11 +329,6 @@ pub(crate) fn checkpoint_order(
     }
 }
 
-/// `scales` as f32.
-fn widened(scales: &[f16]) -> Vec<f32> {
-    scales.iter().map(|s| s.to_f32()).collect()
-}
-
 /// The packed weights of a model by the id of the parameter each stands in for.
 pub type PackedWeights = HashMap<ParamId, PackedWeight>;
 
@@ -355,6 +344,7 @@ fn check_lengths(codes: usize, scales: usize, n: usize, k: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quantize::f16_scales;
 
     /// Codes covering `−7..=7` (what a checkpoint holds) in an order that tells neighbours
     /// apart.

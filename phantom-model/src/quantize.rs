@@ -360,8 +360,9 @@ pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
 }
 
 /// `scales` (each an f16 value, as [`quantize_host`] makes them) held as f16: exactly.
-pub fn f16_scales<S: Scale>(scales: &[S]) -> Vec<f16> {
-    scales.iter().map(|s| f16::from_f32(s.get())).collect()
+pub fn f16_scales(scales: &[f32]) -> Vec<f16> {
+    use half::vec::HalfFloatVecExt;
+    Vec::<f16>::from_f32_slice(scales)
 }
 
 /// A 4-bit code (`−8..=7`) as the nibble that stores it, `c + 8`.
