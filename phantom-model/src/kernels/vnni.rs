@@ -44,81 +44,98 @@ pub fn available() -> bool {
     })
 }
 
-/// The weight codes `[k, n]` and scales `[k / 32, n]` of one panel of [`NR`] columns from
-/// `j0`, as the micro kernel reads them: groups of four consecutive inputs of each column
-/// side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), and the scales
-/// `[k / 32][NR]`. Columns past `n` get code 0 (byte 128) and scale 0.
-fn pack_panel<S: Scale>(
+/// A pointer the tasks of one product share, each writing its own part of what it points to.
+struct Shared<T>(*mut T);
+// SAFETY: every use hands each task a part of the buffer no other task touches.
+unsafe impl<T> Sync for Shared<T> {}
+
+/// The weight codes `[k, n]` and scales `[k / 32, n]` laid out in panels of [`NR`] columns as
+/// the micro kernel reads them: panel `p` holds groups of four consecutive inputs of each of
+/// its columns side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), its scales
+/// `[k / 32][NR]`. Columns past `n` get code 0 (byte 128) and scale 0. The codes are read in
+/// memory order, a block of 32 rows a task: a panel's rows lie `n` bytes apart, and reading a
+/// panel at a time touched a new page per row.
+fn pack_panels<S: Scale>(
     codes: Codes<'_>,
     scales: &[S],
     k: usize,
     n: usize,
-    j0: usize,
-    out: &mut [u8],
-    out_scales: &mut [f32],
-) {
-    let width = NR.min(n - j0);
-    match codes {
-        Codes::Bytes(codes) if width == NR => {
-            for g in 0..k / GROUP {
-                let rows: [&[i8]; GROUP] =
-                    std::array::from_fn(|t| &codes[(g * GROUP + t) * n + j0..][..NR]);
-                // SAFETY: `available()` (checked by the only caller) detected AVX-512, which
-                // implies the SSE2 this uses; each row holds `NR` codes and the group 128 bytes.
-                unsafe { x86::interleave(rows, &mut out[g * GROUP * NR..][..GROUP * NR]) };
+) -> (Vec<u8>, Vec<f32>) {
+    let panels = n.div_ceil(NR);
+    let blocks = k / BLOCK;
+    let (panel_codes, panel_scales) = (k * NR, blocks * NR);
+    let mut packed = Vec::<u8>::with_capacity(panels * panel_codes);
+    let mut packed_scales = Vec::<f32>::with_capacity(panels * panel_scales);
+    let (to, to_scales) = (
+        Shared(packed.as_mut_ptr()),
+        Shared(packed_scales.as_mut_ptr()),
+    );
+    let (to, to_scales) = (&to, &to_scales);
+    super::for_each_index(blocks, |b| {
+        // Group `g` of panel `p`, this task's alone (block `b`), within the capacity.
+        let group = |p: usize, g: usize| unsafe {
+            std::slice::from_raw_parts_mut(to.0.add(p * panel_codes + g * GROUP * NR), GROUP * NR)
+        };
+        for p in 0..panels {
+            let (j0, width) = (p * NR, NR.min(n - p * NR));
+            // SAFETY: block `b`'s scales of panel `p` are this task's alone, within the
+            // capacity.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(to_scales.0.add(p * panel_scales + b * NR), NR)
+            };
+            for (s, scale) in out.iter_mut().zip(&scales[b * n + j0..][..width]) {
+                *s = scale.get();
             }
+            out[width..].fill(0.0);
         }
-        Codes::RowPairs(pairs) if width == NR => {
-            for g in 0..k / GROUP {
-                // The group's four rows from their two byte rows.
-                let mut unpacked = [[0i8; NR]; GROUP];
-                for (h, rows) in unpacked.chunks_exact_mut(2).enumerate() {
-                    let bytes = &pairs[(g * GROUP / 2 + h) * n + j0..][..NR];
-                    for (j, &b) in bytes.iter().enumerate() {
-                        rows[0][j] = nibble_code(b);
-                        rows[1][j] = nibble_code(b >> 4);
+        // A group's four rows at a time, left to right through every panel.
+        for g in b * BLOCK / GROUP..(b + 1) * BLOCK / GROUP {
+            for p in 0..panels {
+                let (j0, width) = (p * NR, NR.min(n - p * NR));
+                let out = group(p, g);
+                match codes {
+                    Codes::Bytes(codes) if width == NR => {
+                        let rows: [&[i8]; GROUP] =
+                            std::array::from_fn(|r| &codes[(g * GROUP + r) * n + j0..][..NR]);
+                        // SAFETY: `available()` (checked by the only caller) detected
+                        // AVX-512, which implies the SSE2 this uses; each row holds `NR`
+                        // codes and `out` a group.
+                        unsafe { x86::interleave(rows, out) };
                     }
+                    Codes::RowPairs(pairs) if width == NR => {
+                        let rows: [&[u8]; 2] =
+                            std::array::from_fn(|h| &pairs[(g * GROUP / 2 + h) * n + j0..][..NR]);
+                        // SAFETY: as above.
+                        unsafe { x86::interleave_pairs(rows, out) };
+                    }
+                    _ => pack_group(codes, n, g, j0, width, out),
                 }
-                let rows: [&[i8]; GROUP] = std::array::from_fn(|t| &unpacked[t][..]);
-                // SAFETY: as above.
-                unsafe { x86::interleave(rows, &mut out[g * GROUP * NR..][..GROUP * NR]) };
             }
         }
-        _ => pack_panel_scalar(codes, k, n, j0, width, out),
+    });
+    // SAFETY: the tasks wrote every block of every panel.
+    unsafe {
+        packed.set_len(panels * panel_codes);
+        packed_scales.set_len(panels * panel_scales);
     }
-    for (b, s) in out_scales.chunks_exact_mut(NR).enumerate() {
-        for (s, scale) in s.iter_mut().zip(&scales[b * n + j0..b * n + j0 + width]) {
-            *s = scale.get();
-        }
-        s[width..].fill(0.0);
-    }
+    (packed, packed_scales)
 }
 
-/// [`pack_panel`]'s codes one at a time, for a panel narrower than [`NR`].
-fn pack_panel_scalar(
-    codes: Codes<'_>,
-    k: usize,
-    n: usize,
-    j0: usize,
-    width: usize,
-    out: &mut [u8],
-) {
+/// Group `g` of a panel narrower than [`NR`] from `j0`, one code at a time.
+fn pack_group(codes: Codes<'_>, n: usize, g: usize, j0: usize, width: usize, out: &mut [u8]) {
     let code = |i: usize, j: usize| match codes {
         Codes::Bytes(codes) => codes[i * n + j],
         Codes::RowPairs(pairs) => nibble_code(pairs[i / 2 * n + j] >> (4 * (i % 2))),
         // A table's layout: `matmul` turns it away.
         Codes::HalfBlocks(_) => 0,
     };
-    for g in 0..k / GROUP {
-        for j in 0..NR {
-            for t in 0..GROUP {
-                let i = g * GROUP + t;
-                out[(g * NR + j) * GROUP + t] = if j < width {
-                    (code(i, j0 + j) as u8) ^ 0x80
-                } else {
-                    0x80
-                };
-            }
+    for j in 0..NR {
+        for t in 0..GROUP {
+            out[j * GROUP + t] = if j < width {
+                (code(g * GROUP + t, j0 + j) as u8) ^ 0x80
+            } else {
+                0x80
+            };
         }
     }
 }
@@ -144,19 +161,23 @@ pub fn matmul<S: Scale>(
         return Some(vec![0.0; m * n]);
     }
     let activations = quantize_activations(x, m, k);
-    let panels = n.div_ceil(NR);
-    // Each panel's outputs `[m, NR]`, then placed in `[m, n]`.
-    let mut by_panel = vec![0.0f32; panels * m * NR];
-    super::for_each_chunk(&mut by_panel, m * NR, |p, out| {
-        let mut packed = vec![0u8; k * NR];
-        let mut packed_scales = vec![0.0f32; k / BLOCK * NR];
-        pack_panel(codes, scales, k, n, p * NR, &mut packed, &mut packed_scales);
-        let panel = (packed.as_slice(), packed_scales.as_slice());
+    let (packed, packed_scales) = pack_panels(codes, scales, k, n);
+    let mut y = Vec::<f32>::with_capacity(m * n);
+    let to = Shared(y.as_mut_ptr());
+    let to = &to;
+    super::for_each_index(n.div_ceil(NR), |p| {
+        let panel = (
+            &packed[p * k * NR..][..k * NR],
+            &packed_scales[p * k / BLOCK * NR..][..k / BLOCK * NR],
+        );
+        let width = NR.min(n - p * NR);
         for r0 in (0..m).step_by(MR) {
             let rows = MR.min(m - r0);
-            let tile = &mut out[r0 * NR..(r0 + rows) * NR];
-            // SAFETY: `available()` detected every feature the micro kernels enable.
+            // SAFETY: rows `r0..r0 + rows`, columns `p·NR..+width` of `y` are this task's
+            // alone, within its capacity; `available()` detected every feature the micro
+            // kernels enable.
             unsafe {
+                let tile = (to.0.add(r0 * n + p * NR), n, width);
                 match rows {
                     1 => x86::micro::<1>(&activations, r0, k, panel, tile),
                     2 => x86::micro::<2>(&activations, r0, k, panel, tile),
@@ -168,14 +189,8 @@ pub fn matmul<S: Scale>(
             }
         }
     });
-    let mut y = vec![0.0f32; m * n];
-    for (p, panel) in by_panel.chunks_exact(m * NR).enumerate() {
-        let j0 = p * NR;
-        let width = NR.min(n - j0);
-        for (row, tile) in y.chunks_exact_mut(n).zip(panel.chunks_exact(NR)) {
-            row[j0..j0 + width].copy_from_slice(&tile[..width]);
-        }
-    }
+    // SAFETY: the tasks wrote every row of every panel's columns.
+    unsafe { y.set_len(m * n) };
     Some(y)
 }
 
@@ -300,21 +315,53 @@ mod x86 {
         let shift = _mm_set1_epi8(i8::MIN);
         for half in 0..NR / 16 {
             // SAFETY: each row holds `NR` codes, 16 read at a time.
-            let [r0, r1, r2, r3] = rows.map(|r| unsafe {
+            let rows = rows.map(|r| unsafe {
                 _mm_xor_si128(_mm_loadu_si128(r.as_ptr().add(16 * half).cast()), shift)
             });
-            let (lo01, hi01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
-            let (lo23, hi23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-            let quads = [
-                _mm_unpacklo_epi16(lo01, lo23),
-                _mm_unpackhi_epi16(lo01, lo23),
-                _mm_unpacklo_epi16(hi01, hi23),
-                _mm_unpackhi_epi16(hi01, hi23),
-            ];
-            for (q, v) in quads.into_iter().enumerate() {
-                // SAFETY: 16 bytes at `64·half + 16·q`, within the 128 of `out`.
-                unsafe { _mm_storeu_si128(out.as_mut_ptr().add(64 * half + 16 * q).cast(), v) };
-            }
+            // SAFETY: 64 bytes at `64·half`, within the 128 of `out`.
+            unsafe { store_quads(rows, out.as_mut_ptr().add(64 * half)) };
+        }
+    }
+
+    /// [`interleave`] for 4-bit codes two rows to a byte (`c + 8`, the even row in the low
+    /// nibble): the four rows of two byte rows of [`NR`] bytes.
+    #[target_feature(enable = "sse2")]
+    pub(super) unsafe fn interleave_pairs(pairs: [&[u8]; 2], out: &mut [u8]) {
+        debug_assert!(pairs.iter().all(|r| r.len() >= NR) && out.len() >= GROUP * NR);
+        let (low, shift) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(120));
+        for half in 0..NR / 16 {
+            // SAFETY: each byte row holds `NR` bytes, 16 read at a time.
+            let [p0, p1] =
+                pairs.map(|r| unsafe { _mm_loadu_si128(r.as_ptr().add(16 * half).cast()) });
+            // `c + 128` is the nibble plus 120.
+            let nibbles = |p: __m128i| {
+                [
+                    _mm_add_epi8(_mm_and_si128(p, low), shift),
+                    _mm_add_epi8(_mm_and_si128(_mm_srli_epi16::<4>(p), low), shift),
+                ]
+            };
+            let ([r0, r1], [r2, r3]) = (nibbles(p0), nibbles(p1));
+            // SAFETY: as in `interleave`.
+            unsafe { store_quads([r0, r1, r2, r3], out.as_mut_ptr().add(64 * half)) };
+        }
+    }
+
+    /// Sixteen columns of four rows as sixteen groups of their four bytes, at `out` (64
+    /// bytes).
+    #[target_feature(enable = "sse2")]
+    #[inline]
+    unsafe fn store_quads([r0, r1, r2, r3]: [__m128i; GROUP], out: *mut u8) {
+        let (lo01, hi01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+        let (lo23, hi23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+        let quads = [
+            _mm_unpacklo_epi16(lo01, lo23),
+            _mm_unpackhi_epi16(lo01, lo23),
+            _mm_unpacklo_epi16(hi01, hi23),
+            _mm_unpackhi_epi16(hi01, hi23),
+        ];
+        for (q, v) in quads.into_iter().enumerate() {
+            // SAFETY: the caller's 64 bytes at `out`.
+            unsafe { _mm_storeu_si128(out.add(16 * q).cast(), v) };
         }
     }
 
@@ -593,19 +640,20 @@ mod x86 {
         }
     }
 
-    /// Rows `r0..r0 + R` of one panel's outputs into `out` (`[R, NR]`): per block of 32
-    /// inputs, eight `vpdpbusd` steps into integer sums, which are shifted back, converted and
-    /// added into the f32 sums weighted by both scales.
+    /// Rows `r0..r0 + R` of one panel's outputs into `out` (`R` rows `stride` floats apart,
+    /// the panel's first `width` columns): per block of 32 inputs, eight `vpdpbusd` steps into
+    /// integer sums, which are shifted back, converted and added into the f32 sums weighted by
+    /// both scales.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn micro<const R: usize>(
         a: &Activations,
         r0: usize,
         k: usize,
         (packed, scales): (&[u8], &[f32]),
-        out: &mut [f32],
+        (out, stride, width): (*mut f32, usize, usize),
     ) {
         debug_assert!(packed.len() >= k * NR && scales.len() >= k / BLOCK * NR);
-        debug_assert!(a.codes.len() >= (r0 + R) * k && out.len() >= R * NR);
+        debug_assert!(a.codes.len() >= (r0 + R) * k && (1..=NR).contains(&width));
         let blocks = k / BLOCK;
         let mut sums = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..blocks {
@@ -644,12 +692,21 @@ mod x86 {
                 }
             }
         }
+        // Lanes of each register within `width`.
+        let lanes = |v: usize| ((1u32 << width.saturating_sub(16 * v).min(16)) - 1) as __mmask16;
         for (r, sum) in sums.iter().enumerate() {
-            // SAFETY: row `r` of `out` holds `NR` floats.
+            // SAFETY: row `r` of `out` holds `width` floats; masked lanes are not touched.
             unsafe {
-                let p = out.as_mut_ptr().add(r * NR);
-                _mm512_storeu_ps(p, sum[0]);
-                _mm512_storeu_ps(p.add(16), sum[1]);
+                let p = out.add(r * stride);
+                if width == NR {
+                    _mm512_storeu_ps(p, sum[0]);
+                    _mm512_storeu_ps(p.add(16), sum[1]);
+                } else {
+                    _mm512_mask_storeu_ps(p, lanes(0), sum[0]);
+                    if width > 16 {
+                        _mm512_mask_storeu_ps(p.add(16), lanes(1), sum[1]);
+                    }
+                }
             }
         }
     }
