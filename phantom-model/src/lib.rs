@@ -5,6 +5,7 @@
 //! whose attention carries the [`phantom`] dimension, and [`model`] ties them together.
 //! [`weights`] loads and saves the official checkpoints; [`device`] picks a backend at run time.
 
+pub mod activation;
 pub mod cache;
 pub mod config;
 pub mod decoder;

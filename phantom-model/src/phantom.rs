@@ -10,8 +10,9 @@
 //! vectors of a batch are `[B, 1, H, d]`.
 
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, sigmoid, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 
+use crate::activation::gelu;
 use crate::linear::{Linear, LinearConfig, linear as project};
 
 /// Attention *across heads*: every head of every token attends over the heads of the phantom

@@ -1,12 +1,10 @@
 //! From vision features to LLM tokens: drop CLS, pixel shuffle 0.5, `vision_proj`.
 
 use burn::nn::{LayerNorm, LayerNormConfig};
-
-use crate::linear::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
-use crate::linear::linear;
+use crate::activation::gelu;
+use crate::linear::{Linear, LinearConfig, linear};
 
 /// `vision_proj`: LayerNorm(4C, ε 1e-5) → Linear(4C → D) → GELU → Linear(D → D).
 /// Checkpoint keys `vision_proj.0`, `.1`, `.3`.

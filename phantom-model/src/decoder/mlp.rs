@@ -1,8 +1,8 @@
 //! The SwiGLU feed-forward block shared by every backbone: `down(silu(gate(x)) ⊙ up(x))`.
 
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
+use crate::activation::silu_mul;
 use crate::linear::{Linear, LinearConfig, linear};
 
 /// Separate gate and up projections (Qwen2, InternLM2).
@@ -73,6 +73,6 @@ impl Mlp {
                 linear(&split.up_proj, x),
             ),
         };
-        linear(&self.down_proj, silu(gate) * up)
+        linear(&self.down_proj, silu_mul(gate, up))
     }
 }

@@ -14,6 +14,7 @@ use burn::tensor::DType;
 use burn_flex::{Flex, FlexTensor};
 use half::{bf16, f16};
 
+use super::pointwise::exp;
 use super::{activations, contiguous, dot, for_each_chunk, gemm, is_flex};
 
 /// Queries per KV head up to which the scores are taken row by row; more go through the GEMM.
@@ -253,55 +254,9 @@ fn softmax_body(row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
     row.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// `e^x` to about 2 ulp for the `x ≤ 0` a softmax feeds it, without branches so that a loop
-/// of it vectorises (the library `expf` is a call per element): `x = n·ln 2 + r`, a degree-6
-/// polynomial for `e^r` on `|r| ≤ ln 2 / 2`, and `2^n` put into the exponent bits. Below
-/// `-87.3365` (where `e^x` is under `f32::MIN_POSITIVE`) it returns 0; −∞ gives 0.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n·LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let clamped = x.max(-87.3365);
-    // Round to nearest with the 1.5·2^23 trick (|x·log2 e| < 2^22 here): `round` is a library
-    // call that would keep the loop scalar.
-    const ROUNDER: f32 = 12_582_912.0;
-    let n = (clamped * LOG2_E + ROUNDER) - ROUNDER;
-    let r = (clamped - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^n from the bits of n + 127 (an integer in 1..=254 stored in the low mantissa bits of
-    // n + 127 + 2^23): no float-to-int conversion, which would keep the loop scalar.
-    const MANTISSA: f32 = 8_388_608.0;
-    let scale = f32::from_bits(((n + 127.0 + MANTISSA).to_bits() & 0x7f_ffff) << 23);
-    let y = p * scale;
-    if x < -87.3365 { 0.0 } else { y }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_matches_the_library_where_softmax_uses_it() {
-        let mut worst = 0.0f32;
-        for i in 0..=200_000 {
-            let x = -88.0 + 88.0 * i as f32 / 200_000.0;
-            let want = x.exp();
-            let got = exp(x);
-            if want < f32::MIN_POSITIVE {
-                assert!(got < 1e-37, "{x}: {got}");
-                continue;
-            }
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 5e-7, "relative error {worst}");
-        assert_eq!(exp(0.0), 1.0);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-    }
 
     #[test]
     fn softmax_hides_masked_keys_and_sums_to_one() {

@@ -18,6 +18,7 @@ pub mod attend;
 pub mod dot;
 pub mod dpbf16;
 pub mod gemm;
+pub mod pointwise;
 #[cfg(feature = "threads")]
 mod pool;
 pub mod quant;
