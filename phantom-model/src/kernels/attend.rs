@@ -3,8 +3,9 @@
 //! A decode step attends one query per head over every cached key: with Burn's ops that is a
 //! strided view of the cache made contiguous (and, in half precision, copied to f32) twice per
 //! layer per token, then six more ops. Here each KV head's keys and values are read straight
-//! from the cache buffers in their own precision. A few queries take the scores by
-//! [`dot::matvec_serial`] and the values by [`dot::weighted_rows`]; a prompt's (or a vision
+//! from the cache buffers in their own precision. A few queries take the scores and the values
+//! by AVX-512 kernels where the processor has it (sixteen keys a step, output rows held in
+//! registers), by [`dot::matvec_serial`] and [`dot::weighted_rows`] elsewhere; a prompt's (or a vision
 //! tile's) many queries go through the blocked GEMM a block of rows at a time, so the scores
 //! never exceed a few megabytes, each block over only the keys one of its rows sees (a causal
 //! prompt's block of early queries skips the later keys). Softmax is in f32; KV heads run in parallel.
@@ -117,7 +118,7 @@ fn reach(hidden: &[bool], len: usize) -> Vec<usize> {
 }
 
 /// `hidden` is the mask with its [`reach`], if any.
-fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
+fn run<W: Cached + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
     k: &FlexTensor,
     v: &FlexTensor,
@@ -146,9 +147,9 @@ fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
             }
         };
         if s.rows <= FEW_ROWS {
-            let mut p = dot::matvec_serial(q, s.rows, s.w, k, s.len);
+            let mut p = scores(q, s.rows, s.w, k, s.len);
             softmax(&mut p, 0, s.len);
-            dot::weighted_rows(&p, s.rows, v, s.w, out);
+            weigh(&p, s.rows, v, s.w, out);
             return;
         }
         // The values transposed ([w, len], f32): the second product reads them as a weight.
@@ -181,6 +182,238 @@ fn run<W: dot::Weight + burn::tensor::Element + bytemuck::Pod>(
         }
     });
     Some(out)
+}
+
+/// A cache element: f32, bf16 or f16, which the AVX-512 kernels widen sixteen at a time.
+trait Cached: dot::Weight {
+    /// How sixteen of them become f32 lanes.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    const FORMAT: Format;
+}
+
+/// The element formats of [`Cached`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Format {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Cached for f32 {
+    const FORMAT: Format = Format::F32;
+}
+impl Cached for bf16 {
+    const FORMAT: Format = Format::Bf16;
+}
+impl Cached for f16 {
+    const FORMAT: Format = Format::F16;
+}
+
+/// The scores `q · kᵀ` (`[rows, len]`) of a few query rows `q` (`[rows, w]`) over the keys
+/// `k` (`[len, w]`).
+fn scores<W: Cached>(q: &[f32], rows: usize, w: usize, k: &[W], len: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if w.is_multiple_of(16) && matches!(dot::isa(), dot::Isa::Avx512) {
+        let mut p = vec![0.0f32; rows * len];
+        // SAFETY: `isa()` detected AVX-512; `w` is a multiple of 16.
+        unsafe { avx512::scores(q, rows, w, k, len, &mut p) };
+        return p;
+    }
+    dot::matvec_serial(q, rows, w, k, len)
+}
+
+/// `out [rows, w] += p [rows, len] · v [len, w]`: the probabilities times the values.
+fn weigh<W: Cached>(p: &[f32], rows: usize, v: &[W], w: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if w.is_multiple_of(16) && matches!(dot::isa(), dot::Isa::Avx512) {
+        // SAFETY: `isa()` detected AVX-512; `w` is a multiple of 16.
+        unsafe { avx512::weigh(p, rows, v, w, out) };
+        return;
+    }
+    dot::weighted_rows(p, rows, v, w, out);
+}
+
+/// A decode step's attention products with AVX-512, for head widths that are a multiple of
+/// 16. The scores take sixteen keys at a time: each query row's sixteen dot products are
+/// summed lane-wise in registers and folded into one register of sixteen scores by a
+/// shuffle tree (45 operations where a sum per score takes 9 each). The values go into
+/// output rows held in registers, 32 columns at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Cached, Format};
+
+    /// Keys of one step of [`scores`].
+    const KEYS: usize = 16;
+    /// Output rows [`weigh`] holds in registers at a time (two registers each).
+    const ROWS: usize = 8;
+
+    /// Sixteen cache elements at `p` as f32 lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<W: Cached>(p: *const W) -> __m512 {
+        // SAFETY: the caller's sixteen elements at `p`.
+        unsafe {
+            match W::FORMAT {
+                Format::F32 => _mm512_loadu_ps(p.cast()),
+                // bf16 is the upper half of an f32.
+                Format::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                )),
+                Format::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+            }
+        }
+    }
+
+    /// Sixteen registers folded into one whose lane `j` is the sum of register `j`'s lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn fold(acc: [__m512; KEYS]) -> __m512 {
+        // Pairs: each 128-bit lane holds two partial sums of each register of the pair.
+        let pairs: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Quads: each 128-bit lane holds one sum of each of four registers.
+        let quads: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (pairs[2 * i], pairs[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(a, b),
+                _mm512_shuffle_ps::<0xEE>(a, b),
+            )
+        });
+        // Then across the 128-bit lanes.
+        let halves: [__m512; 2] = std::array::from_fn(|i| {
+            let (a, b) = (quads[2 * i], quads[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            )
+        });
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(halves[0], halves[1]),
+            _mm512_shuffle_f32x4::<0xDD>(halves[0], halves[1]),
+        )
+    }
+
+    /// `p [rows, len] = q [rows, w] · k [len, w]ᵀ`; `w` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores<W: Cached>(
+        q: &[f32],
+        rows: usize,
+        w: usize,
+        k: &[W],
+        len: usize,
+        p: &mut [f32],
+    ) {
+        debug_assert!(q.len() >= rows * w && k.len() >= len * w && p.len() >= rows * len);
+        // Sixteen keys widened to f32, read once per query row from the first level cache.
+        let mut block = vec![0.0f32; KEYS * w];
+        for key0 in (0..len).step_by(KEYS) {
+            let keys = KEYS.min(len - key0);
+            for j in 0..keys {
+                for c in (0..w).step_by(16) {
+                    // SAFETY: key `key0 + j` has `w` elements; the block holds `KEYS · w`.
+                    unsafe {
+                        let x = load16(k.as_ptr().add((key0 + j) * w + c));
+                        _mm512_storeu_ps(block.as_mut_ptr().add(j * w + c), x);
+                    }
+                }
+            }
+            // Keys past `len` in the last block keep stale values; their lanes are not stored.
+            let mask = ((1u32 << keys) - 1) as __mmask16;
+            for r in 0..rows {
+                let mut acc = [_mm512_setzero_ps(); KEYS];
+                for c in (0..w).step_by(16) {
+                    // SAFETY: row `r` of `q` and each key row of the block hold `w` floats.
+                    unsafe {
+                        let x = _mm512_loadu_ps(q.as_ptr().add(r * w + c));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let kv = _mm512_loadu_ps(block.as_ptr().add(j * w + c));
+                            *a = _mm512_fmadd_ps(x, kv, *a);
+                        }
+                    }
+                }
+                // SAFETY: `keys` scores of row `r` from `key0`, within `p`.
+                unsafe {
+                    _mm512_mask_storeu_ps(p.as_mut_ptr().add(r * len + key0), mask, fold(acc))
+                };
+            }
+        }
+    }
+
+    /// `out [rows, w] += p [rows, len] · v [len, w]`; `w` a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weigh<W: Cached>(
+        p: &[f32],
+        rows: usize,
+        v: &[W],
+        w: usize,
+        out: &mut [f32],
+    ) {
+        let len = v.len() / w;
+        debug_assert!(p.len() >= rows * len && out.len() >= rows * w);
+        for r0 in (0..rows).step_by(ROWS) {
+            let (p, out) = (&p[r0 * len..], &mut out[r0 * w..]);
+            // SAFETY: as this function's.
+            unsafe {
+                match ROWS.min(rows - r0) {
+                    1 => weigh_rows::<W, 1>(p, v, w, out),
+                    2 => weigh_rows::<W, 2>(p, v, w, out),
+                    3 => weigh_rows::<W, 3>(p, v, w, out),
+                    4 => weigh_rows::<W, 4>(p, v, w, out),
+                    5 => weigh_rows::<W, 5>(p, v, w, out),
+                    6 => weigh_rows::<W, 6>(p, v, w, out),
+                    7 => weigh_rows::<W, 7>(p, v, w, out),
+                    _ => weigh_rows::<W, ROWS>(p, v, w, out),
+                }
+            }
+        }
+    }
+
+    /// [`weigh`] for `R` rows, whose sums stay in registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn weigh_rows<W: Cached, const R: usize>(p: &[f32], v: &[W], w: usize, out: &mut [f32]) {
+        let len = v.len() / w;
+        debug_assert!(p.len() >= R * len && out.len() >= R * w);
+        for c in (0..w).step_by(32) {
+            // One register of columns where `w` leaves 16 at the end.
+            let wide = c + 32 <= w;
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for s in 0..len {
+                // SAFETY: value row `s` has `w` elements from `c` (32, or 16 at the end); row
+                // `r` of `p` has `len` weights.
+                unsafe {
+                    let at = v.as_ptr().add(s * w + c);
+                    let v0 = load16(at);
+                    let v1 = if wide {
+                        load16(at.add(16))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let weight = _mm512_set1_ps(*p.get_unchecked(r * len + s));
+                        a[0] = _mm512_fmadd_ps(weight, v0, a[0]);
+                        a[1] = _mm512_fmadd_ps(weight, v1, a[1]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: row `r` of `out` has `w` floats from `c`.
+                unsafe {
+                    let o = out.as_mut_ptr().add(r * w + c);
+                    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a[0]));
+                    if wide {
+                        let o = o.add(16);
+                        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a[1]));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `softmax(row · scale)` over the keys not hidden, in place; hidden keys get 0. A row with
@@ -257,6 +490,56 @@ fn softmax_body(row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{values, worst, x_wt};
+
+    /// Both products of a few rows against the f64-summed reference, in every cache format,
+    /// for head widths with and without a 32-column tail and key counts around the 16 of a
+    /// step.
+    #[test]
+    fn few_row_products_equal_the_reference_in_every_format() {
+        fn check<W: Cached>(narrow: fn(f32) -> W) {
+            for (rows, w, len) in [
+                (1, 16, 1),
+                (7, 64, 1000),
+                (3, 48, 17),
+                (16, 128, 33),
+                (9, 96, 15),
+                (2, 20, 5),
+            ] {
+                let q = values(rows * w, 30 + w as u64);
+                let cache: Vec<W> = values(len * w, 31 + len as u64)
+                    .into_iter()
+                    .map(narrow)
+                    .collect();
+                let wide: Vec<f32> = cache.iter().map(|v| v.to_f32()).collect();
+                let tol = 1e-5 * (w.max(len) as f32).sqrt();
+                let p = scores(&q, rows, w, &cache, len);
+                let e = worst(&p, &x_wt(&q, rows, w, &wide, len));
+                assert!(e <= tol, "scores {rows}x{w}x{len}: off by {e}");
+                // `out += softmax(p) · v`, from a non-zero start.
+                let mut p = p;
+                for row in p.chunks_exact_mut(len) {
+                    softmax_row(row, 0.125, None);
+                }
+                let start = values(rows * w, 32);
+                let mut out = start.clone();
+                weigh(&p, rows, &cache, w, &mut out);
+                let v_t: Vec<f32> = (0..w * len)
+                    .map(|i| wide[(i % len) * w + i / len])
+                    .collect();
+                let want: Vec<f32> = x_wt(&p, rows, len, &v_t, w)
+                    .iter()
+                    .zip(&start)
+                    .map(|(a, b)| a + b)
+                    .collect();
+                let e = worst(&out, &want);
+                assert!(e <= tol, "values {rows}x{w}x{len}: off by {e}");
+            }
+        }
+        check::<f32>(|v| v);
+        check::<bf16>(bf16::from_f32);
+        check::<f16>(f16::from_f32);
+    }
 
     #[test]
     fn softmax_hides_masked_keys_and_sums_to_one() {
