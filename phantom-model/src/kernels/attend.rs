@@ -3,12 +3,13 @@
 //! A decode step attends one query per head over every cached key: with Burn's ops that is a
 //! strided view of the cache made contiguous (and, in half precision, copied to f32) twice per
 //! layer per token, then six more ops. Here each KV head's keys and values are read straight
-//! from the cache buffers in their own precision. A few queries take the scores and the values
-//! by AVX-512 kernels where the processor has it (sixteen keys a step, output rows held in
-//! registers), by [`dot::matvec_serial`] and [`dot::weighted_rows`] elsewhere; a prompt's (or a vision
-//! tile's) many queries go through the blocked GEMM a block of rows at a time, so the scores
-//! never exceed a few megabytes, each block over only the keys one of its rows sees (a causal
-//! prompt's block of early queries skips the later keys). Softmax is in f32; KV heads run in parallel.
+//! from the cache buffers in their own precision. A few queries take the scores and the
+//! values by AVX-512 kernels where the processor has it (sixteen keys a step, output rows held
+//! in registers), by [`dot::matvec_serial`] and [`dot::weighted_rows`] elsewhere; a prompt's
+//! (or a vision tile's) many queries go through the blocked GEMM a block of rows at a time, so
+//! the scores never exceed a few megabytes, each block over only the keys one of its rows sees
+//! (a causal prompt's block of early queries skips the later keys). Softmax is in f32; KV heads
+//! run in parallel.
 
 use burn::prelude::*;
 use burn::tensor::DType;
