@@ -49,50 +49,68 @@ struct Shared<T>(*mut T);
 // SAFETY: every use hands each task a part of the buffer no other task touches.
 unsafe impl<T> Sync for Shared<T> {}
 
-/// The weight codes `[k, n]` and scales `[k / 32, n]` laid out in panels of [`NR`] columns as
-/// the micro kernel reads them: panel `p` holds groups of four consecutive inputs of each of
-/// its columns side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), its scales
+/// Bytes of packed weight codes a product holds at a time: a second-level cache's worth, so
+/// that the micro kernels read a slab of panels while it is still there, and a large weight
+/// is never copied whole.
+const SLAB: usize = 2 << 20;
+
+/// Panels `p0..p1` of the weight codes `[k, n]` and scales `[k / 32, n]` into `packed` and
+/// `packed_scales` (cleared first, their capacity kept), as the micro kernel reads them:
+/// panel `p` of [`NR`] columns holds groups of four consecutive inputs of each of its
+/// columns side by side (`[k / 4][NR][4]`, each code shifted to `c + 128`), its scales
 /// `[k / 32][NR]`. Columns past `n` get code 0 (byte 128) and scale 0. The codes are read in
-/// memory order, a block of 32 rows a task: a panel's rows lie `n` bytes apart, and reading a
-/// panel at a time touched a new page per row.
+/// memory order, a block of 32 rows a task, each row through every panel of the slab: a
+/// panel's rows lie `n` bytes apart, and reading a panel at a time touched a new page per
+/// row.
+#[allow(clippy::too_many_arguments)]
 fn pack_panels<S: Scale>(
     codes: Codes<'_>,
     scales: &[S],
     k: usize,
     n: usize,
-) -> (Vec<u8>, Vec<f32>) {
-    let panels = n.div_ceil(NR);
+    (p0, p1): (usize, usize),
+    packed: &mut Vec<u8>,
+    packed_scales: &mut Vec<f32>,
+) {
     let blocks = k / BLOCK;
     let (panel_codes, panel_scales) = (k * NR, blocks * NR);
-    let mut packed = Vec::<u8>::with_capacity(panels * panel_codes);
-    let mut packed_scales = Vec::<f32>::with_capacity(panels * panel_scales);
+    packed.clear();
+    packed_scales.clear();
+    packed.reserve((p1 - p0) * panel_codes);
+    packed_scales.reserve((p1 - p0) * panel_scales);
     let (to, to_scales) = (
         Shared(packed.as_mut_ptr()),
         Shared(packed_scales.as_mut_ptr()),
     );
     let (to, to_scales) = (&to, &to_scales);
     super::for_each_index(blocks, |b| {
-        // Group `g` of panel `p`, this task's alone (block `b`), within the capacity.
-        let group = |p: usize, g: usize| unsafe {
-            std::slice::from_raw_parts_mut(to.0.add(p * panel_codes + g * GROUP * NR), GROUP * NR)
-        };
-        for p in 0..panels {
+        for p in p0..p1 {
             let (j0, width) = (p * NR, NR.min(n - p * NR));
             // SAFETY: block `b`'s scales of panel `p` are this task's alone, within the
             // capacity.
             let out = unsafe {
-                std::slice::from_raw_parts_mut(to_scales.0.add(p * panel_scales + b * NR), NR)
+                std::slice::from_raw_parts_mut(
+                    to_scales.0.add((p - p0) * panel_scales + b * NR),
+                    NR,
+                )
             };
             for (s, scale) in out.iter_mut().zip(&scales[b * n + j0..][..width]) {
                 *s = scale.get();
             }
             out[width..].fill(0.0);
         }
-        // A group's four rows at a time, left to right through every panel.
+        // A group's four rows at a time, left to right through the slab.
         for g in b * BLOCK / GROUP..(b + 1) * BLOCK / GROUP {
-            for p in 0..panels {
+            for p in p0..p1 {
                 let (j0, width) = (p * NR, NR.min(n - p * NR));
-                let out = group(p, g);
+                // SAFETY: group `g` of panel `p` is this task's alone (block `b`), within the
+                // capacity.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        to.0.add((p - p0) * panel_codes + g * GROUP * NR),
+                        GROUP * NR,
+                    )
+                };
                 match codes {
                     Codes::Bytes(codes) if width == NR => {
                         let rows: [&[i8]; GROUP] =
@@ -113,12 +131,11 @@ fn pack_panels<S: Scale>(
             }
         }
     });
-    // SAFETY: the tasks wrote every block of every panel.
+    // SAFETY: the tasks wrote every block of every panel of the slab.
     unsafe {
-        packed.set_len(panels * panel_codes);
-        packed_scales.set_len(panels * panel_scales);
+        packed.set_len((p1 - p0) * panel_codes);
+        packed_scales.set_len((p1 - p0) * panel_scales);
     }
-    (packed, packed_scales)
 }
 
 /// Group `g` of a panel narrower than [`NR`] from `j0`, one code at a time.
@@ -161,34 +178,50 @@ pub fn matmul<S: Scale>(
         return Some(vec![0.0; m * n]);
     }
     let activations = quantize_activations(x, m, k);
-    let (packed, packed_scales) = pack_panels(codes, scales, k, n);
     let mut y = Vec::<f32>::with_capacity(m * n);
     let to = Shared(y.as_mut_ptr());
     let to = &to;
-    super::for_each_index(n.div_ceil(NR), |p| {
-        let panel = (
-            &packed[p * k * NR..][..k * NR],
-            &packed_scales[p * k / BLOCK * NR..][..k / BLOCK * NR],
+    let panels = n.div_ceil(NR);
+    let per_slab = (SLAB / (k * NR)).max(1);
+    let (mut packed, mut packed_scales) = (Vec::new(), Vec::new());
+    for p0 in (0..panels).step_by(per_slab) {
+        let p1 = (p0 + per_slab).min(panels);
+        pack_panels(
+            codes,
+            scales,
+            k,
+            n,
+            (p0, p1),
+            &mut packed,
+            &mut packed_scales,
         );
-        let width = NR.min(n - p * NR);
-        for r0 in (0..m).step_by(MR) {
-            let rows = MR.min(m - r0);
-            // SAFETY: rows `r0..r0 + rows`, columns `p·NR..+width` of `y` are this task's
-            // alone, within its capacity; `available()` detected every feature the micro
-            // kernels enable.
-            unsafe {
-                let tile = (to.0.add(r0 * n + p * NR), n, width);
-                match rows {
-                    1 => x86::micro::<1>(&activations, r0, k, panel, tile),
-                    2 => x86::micro::<2>(&activations, r0, k, panel, tile),
-                    3 => x86::micro::<3>(&activations, r0, k, panel, tile),
-                    4 => x86::micro::<4>(&activations, r0, k, panel, tile),
-                    5 => x86::micro::<5>(&activations, r0, k, panel, tile),
-                    _ => x86::micro::<MR>(&activations, r0, k, panel, tile),
+        let (packed, packed_scales) = (&packed, &packed_scales);
+        super::for_each_index(p1 - p0, |i| {
+            let p = p0 + i;
+            let panel = (
+                &packed[i * k * NR..][..k * NR],
+                &packed_scales[i * k / BLOCK * NR..][..k / BLOCK * NR],
+            );
+            let width = NR.min(n - p * NR);
+            for r0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - r0);
+                // SAFETY: rows `r0..r0 + rows`, columns `p·NR..+width` of `y` are this task's
+                // alone, within its capacity; `available()` detected every feature the micro
+                // kernels enable.
+                unsafe {
+                    let tile = (to.0.add(r0 * n + p * NR), n, width);
+                    match rows {
+                        1 => x86::micro::<1>(&activations, r0, k, panel, tile),
+                        2 => x86::micro::<2>(&activations, r0, k, panel, tile),
+                        3 => x86::micro::<3>(&activations, r0, k, panel, tile),
+                        4 => x86::micro::<4>(&activations, r0, k, panel, tile),
+                        5 => x86::micro::<5>(&activations, r0, k, panel, tile),
+                        _ => x86::micro::<MR>(&activations, r0, k, panel, tile),
+                    }
                 }
             }
-        }
-    });
+        });
+    }
     // SAFETY: the tasks wrote every row of every panel's columns.
     unsafe { y.set_len(m * n) };
     Some(y)
