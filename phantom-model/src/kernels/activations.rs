@@ -63,11 +63,49 @@ fn quantize_rows(x: &[f32], codes: &mut [i8], scales: &mut [f32], offsets: &mut 
     }
 }
 
-/// [`quantize_blocks`] with AVX-512 (a rounding instruction, not a call).
+/// [`quantize_blocks`] with AVX-512: a block is two registers, its largest magnitude and its
+/// code sum one reduction each (the portable loop's reductions stay scalar chains).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_avx512(x: &[f32], codes: &mut [i8], scales: &mut [f32], offsets: &mut [i32]) {
-    quantize_blocks(x, codes, scales, offsets)
+    use std::arch::x86_64::*;
+    let blocks = x.len() / BLOCK;
+    assert!(codes.len() >= blocks * BLOCK && scales.len() >= blocks && offsets.len() >= blocks);
+    let (low, high) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+    for b in 0..blocks {
+        // SAFETY: block `b` holds 32 values and 32 codes (asserted above).
+        let (x0, x1) = unsafe {
+            let p = x.as_ptr().add(b * BLOCK);
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+        };
+        let peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        // `v − v` is 0 for a finite value and NaN for a NaN or an infinity.
+        let finite = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(_mm512_sub_ps(x0, x0), _mm512_sub_ps(x1, x1))
+            == 0xffff;
+        let (scale, inv) = if peak > 0.0 {
+            (peak / 127.0, 127.0 / peak)
+        } else {
+            (0.0, 0.0)
+        };
+        let inv = _mm512_set1_ps(inv);
+        // Rounded to the nearest, ties to even; a NaN (a block marked by its scale) converts
+        // to the smallest integer and is clamped into range like the portable loop's.
+        let code = |v: __m512| {
+            let c = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(v, inv),
+            );
+            _mm512_min_epi32(_mm512_max_epi32(c, low), high)
+        };
+        let (c0, c1) = (code(x0), code(x1));
+        // SAFETY: as above.
+        unsafe {
+            let out = codes.as_mut_ptr().add(b * BLOCK);
+            _mm_storeu_si128(out.cast(), _mm512_cvtepi32_epi8(c0));
+            _mm_storeu_si128(out.add(16).cast(), _mm512_cvtepi32_epi8(c1));
+        }
+        scales[b] = if finite { scale } else { f32::NAN };
+        offsets[b] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+    }
 }
 
 /// The blocks of `x` quantized into `codes`, `scales` and `offsets` (one per block), compiled
@@ -131,5 +169,32 @@ mod tests {
         // An all-zero block: scale and codes 0.
         let a = quantize_activations(&[0.0; 32], 1, 32);
         assert_eq!((a.scales[0], a.codes.iter().all(|&c| c == 0)), (0.0, true));
+    }
+
+    #[test]
+    fn every_instruction_set_quantizes_alike() {
+        let k = 32 * 40;
+        let mut x: Vec<f32> = crate::testing::values(k, 9)
+            .iter()
+            .map(|v| 50.0 * v)
+            .collect();
+        // A zero block, a NaN, an infinity, ties, and values of very different sizes.
+        x[32..64].fill(0.0);
+        x[70] = f32::NAN;
+        x[100] = f32::INFINITY;
+        x[128..160].copy_from_slice(&[0.5; 32]);
+        x[130] = 127.0;
+        x[160..192].iter_mut().for_each(|v| *v *= 1e-30);
+        let blocks = k / BLOCK;
+        let mut portable = (vec![0i8; k], vec![0f32; blocks], vec![0i32; blocks]);
+        quantize_blocks(&x, &mut portable.0, &mut portable.1, &mut portable.2);
+        let mut rows = (vec![0i8; k], vec![0f32; blocks], vec![0i32; blocks]);
+        quantize_rows(&x, &mut rows.0, &mut rows.1, &mut rows.2);
+        assert_eq!(rows.0, portable.0);
+        assert_eq!(rows.2, portable.2);
+        for (a, b) in rows.1.iter().zip(&portable.1) {
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{a} vs {b}");
+        }
+        assert!(portable.1[2].is_nan() && portable.1[3].is_nan());
     }
 }
