@@ -46,6 +46,15 @@ pub enum Codes<'a> {
     /// takes 16 bytes, byte `t` holding code `t` in its low nibble and code `t + 16` in its
     /// high one (`[rows, cols / 2]`).
     HalfBlocks(&'a [u8]),
+    /// A linear weight `[k, n]` (`n` a multiple of 32) in panels of 32 columns, as the integer
+    /// products of [`crate::kernels::vnni`] read them: panel `p` (columns `32p..32p + 32`)
+    /// holds, for each group of four inputs `4g..4g + 4`, its columns' four codes side by side
+    /// (`[n / 32][k / 4][32][4]`), each stored as `c + 128`: one `vpdpbusd` operand.
+    Panels(&'a [u8]),
+    /// [`Codes::Panels`] for 4-bit codes, each stored as `c + 8`, a group of a panel in 64
+    /// bytes: byte `4j + t` holds input `4g + t` of column `j` in its low nibble and of column
+    /// `j + 16` in its high one.
+    PanelNibbles(&'a [u8]),
 }
 
 impl<'a> Codes<'a> {
@@ -56,6 +65,8 @@ impl<'a> Codes<'a> {
             Codes::Bytes(codes) => Cow::Borrowed(codes),
             Codes::RowPairs(pairs) => Cow::Owned(unpack_row_pairs(pairs, cols)),
             Codes::HalfBlocks(halves) => Cow::Owned(unpack_half_blocks(halves)),
+            Codes::Panels(panels) => Cow::Owned(unpack_panels(panels, cols, false)),
+            Codes::PanelNibbles(panels) => Cow::Owned(unpack_panels(panels, cols, true)),
         }
     }
 
@@ -63,7 +74,10 @@ impl<'a> Codes<'a> {
     pub fn count(self) -> usize {
         match self {
             Codes::Bytes(codes) => codes.len(),
-            Codes::RowPairs(packed) | Codes::HalfBlocks(packed) => 2 * packed.len(),
+            Codes::Panels(panels) => panels.len(),
+            Codes::RowPairs(packed) | Codes::HalfBlocks(packed) | Codes::PanelNibbles(packed) => {
+                2 * packed.len()
+            }
         }
     }
 }
@@ -137,6 +151,101 @@ pub fn unpack_row_pairs(pairs: &[u8], cols: usize) -> Vec<i8> {
     codes
 }
 
+/// Columns of a panel ([`Codes::Panels`]).
+const PANEL: usize = 32;
+
+/// A linear weight's codes in the checkpoint's order (`[n, k]`, each column's inputs
+/// contiguous; `n` a multiple of 32, `k` of 4) laid out in panels: [`Codes::Panels`], or with
+/// `nibbles` (codes in `−8..=7`) [`Codes::PanelNibbles`].
+pub fn pack_panels(codes_nk: &[i8], n: usize, k: usize, nibbles: bool) -> Vec<u8> {
+    debug_assert!(n.is_multiple_of(PANEL) && k.is_multiple_of(4) && codes_nk.len() == n * k);
+    let group = if nibbles { 2 * PANEL } else { 4 * PANEL };
+    let mut out = vec![0u8; n / PANEL * k / 4 * group];
+    for (p, panel) in out.chunks_exact_mut(k / 4 * group).enumerate() {
+        for (j, column) in codes_nk[p * PANEL * k..][..PANEL * k]
+            .chunks_exact(k)
+            .enumerate()
+        {
+            for (g, quad) in column.chunks_exact(4).enumerate() {
+                let bytes = &mut panel[g * group..][..group];
+                for (t, &c) in quad.iter().enumerate() {
+                    if nibbles {
+                        bytes[4 * (j % 16) + t] |= nibble(c) << (4 * (j / 16));
+                    } else {
+                        bytes[4 * j + t] = (c as u8) ^ 0x80;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A linear weight's scales in the checkpoint's order (`[n, k / 32]`) laid out panel by panel
+/// as [`Codes::Panels`] reads them: `[n / 32][k / 32][32]`, a panel's scales contiguous.
+pub(crate) fn panel_scales(scales_nk: &[f16], k: usize) -> Vec<f16> {
+    let blocks = k / BLOCK;
+    let mut out = vec![f16::ZERO; scales_nk.len()];
+    for (j, row) in scales_nk.chunks_exact(blocks).enumerate() {
+        let (p, j) = (j / PANEL, j % PANEL);
+        for (b, &s) in row.iter().enumerate() {
+            out[(p * blocks + b) * PANEL + j] = s;
+        }
+    }
+    out
+}
+
+/// [`panel_scales`] undone: `[k / 32, n]`, the blocks in row-major order as Burn sees them.
+fn unpanel_scales(panels: &[f16], n: usize) -> Vec<f16> {
+    let blocks = panels.len() / n.max(1);
+    let mut out = vec![f16::ZERO; panels.len()];
+    for (at, &s) in panels.iter().enumerate() {
+        let (p, b, j) = (at / (blocks * PANEL), at / PANEL % blocks, at % PANEL);
+        out[b * n + p * PANEL + j] = s;
+    }
+    out
+}
+
+/// [`pack_panels`] undone: the codes `[k, n]` as Burn sees the weight.
+pub fn unpack_panels(panels: &[u8], n: usize, nibbles: bool) -> Vec<i8> {
+    let count = if nibbles {
+        2 * panels.len()
+    } else {
+        panels.len()
+    };
+    let k = count / n.max(1);
+    let group = if nibbles { 2 * PANEL } else { 4 * PANEL };
+    let mut codes = vec![0i8; count];
+    for (p, panel) in panels.chunks_exact(k / 4 * group).enumerate() {
+        for (g, bytes) in panel.chunks_exact(group).enumerate() {
+            for j in 0..PANEL {
+                for t in 0..4 {
+                    codes[(4 * g + t) * n + p * PANEL + j] = if nibbles {
+                        nibble_code(bytes[4 * (j % 16) + t] >> (4 * (j / 16)))
+                    } else {
+                        (bytes[4 * j + t] ^ 0x80) as i8
+                    };
+                }
+            }
+        }
+    }
+    codes
+}
+
+/// Whether the kernels read a linear weight `[k, n]` in panels ([`Codes::Panels`]): the
+/// integer products of [`crate::kernels::vnni`] do, for whole panels.
+fn panels_read(n: usize, k: usize) -> bool {
+    #[cfg(all(feature = "cpu-kernels", target_arch = "x86_64"))]
+    {
+        n.is_multiple_of(PANEL) && k.is_multiple_of(BLOCK) && crate::kernels::vnni::available()
+    }
+    #[cfg(not(all(feature = "cpu-kernels", target_arch = "x86_64")))]
+    {
+        let _ = (n, k);
+        false
+    }
+}
+
 /// Whether the kernels read 4-bit linear weights two rows to a byte on this processor: the
 /// integer products of [`crate::kernels::vnni`] do; other kernels read one byte per code.
 fn row_pairs_read() -> bool {
@@ -167,6 +276,8 @@ enum Stored {
     Bytes(Vec<i8>),
     RowPairs(Vec<u8>),
     HalfBlocks(Vec<u8>),
+    Panels(Vec<u8>),
+    PanelNibbles(Vec<u8>),
 }
 
 struct Packed {
@@ -191,22 +302,39 @@ impl fmt::Debug for PackedWeight {
 
 impl PackedWeight {
     /// A linear weight from its codes and scales in the checkpoint's order (`[n, k]` and
-    /// `[n, k / 32]`), laid out as Burn sees the weight: `[k, n]`, blocks down each column; 4-bit
-    /// codes two rows to a byte where the kernels read them so.
+    /// `[n, k / 32]`), laid out as Burn sees the weight: `[k, n]`, blocks down each column; in
+    /// panels where the integer products read them so, else 4-bit codes two rows to a byte
+    /// where the kernels read them so.
     ///
     /// # Panics
     /// Unless there are `n·k` codes and `n·k/32` scales.
     pub fn columns(codes: &[i8], scales: &[f16], n: usize, k: usize, scheme: Quantization) -> Self {
         check_lengths(codes.len(), scales.len(), n, k);
-        let codes_kn = transpose_into(codes, n, k, Vec::new());
-        let codes = if scheme == Quantization::Q4 && row_pairs_read() {
-            Stored::RowPairs(pack_row_pairs(&codes_kn, n))
+        let nibbles = scheme == Quantization::Q4;
+        let panels = panels_read(n, k);
+        let codes = if panels {
+            let panels = pack_panels(codes, n, k, nibbles);
+            if nibbles {
+                Stored::PanelNibbles(panels)
+            } else {
+                Stored::Panels(panels)
+            }
         } else {
-            Stored::Bytes(codes_kn)
+            let codes_kn = transpose_into(codes, n, k, Vec::new());
+            if nibbles && row_pairs_read() {
+                Stored::RowPairs(pack_row_pairs(&codes_kn, n))
+            } else {
+                Stored::Bytes(codes_kn)
+            }
+        };
+        let scales = if panels {
+            panel_scales(scales, k)
+        } else {
+            transpose_into(scales, n, k / BLOCK, Vec::new())
         };
         Self(Arc::new(Packed {
             codes,
-            scales: transpose_into(scales, n, k / BLOCK, Vec::new()),
+            scales,
             shape: [k, n],
             blocks: Blocks::DownColumns,
             scheme,
@@ -264,12 +392,25 @@ impl PackedWeight {
             Stored::Bytes(codes) => Codes::Bytes(codes),
             Stored::RowPairs(pairs) => Codes::RowPairs(pairs),
             Stored::HalfBlocks(halves) => Codes::HalfBlocks(halves),
+            Stored::Panels(panels) => Codes::Panels(panels),
+            Stored::PanelNibbles(panels) => Codes::PanelNibbles(panels),
         }
     }
 
-    /// One scale per block, the blocks in row-major order.
+    /// One scale per block, the blocks in row-major order, or panel by panel
+    /// (`[n / 32][k / 32][32]`) for [`Codes::Panels`] and [`Codes::PanelNibbles`].
     pub fn scales(&self) -> &[f16] {
         &self.0.scales
+    }
+
+    /// One scale per block, the blocks in row-major order, in f32.
+    fn row_major_scales(&self) -> Vec<f32> {
+        match self.0.codes {
+            Stored::Panels(_) | Stored::PanelNibbles(_) => {
+                unpanel_scales(&self.0.scales, self.0.shape[1]).to_f32_vec()
+            }
+            _ => self.0.scales.to_f32_vec(),
+        }
     }
 
     /// The codes and scales in the checkpoint's order: `[n, k]` and `[n, k / 32]`.
@@ -277,7 +418,7 @@ impl PackedWeight {
         let codes = self.codes().bytes(self.0.shape[1]);
         checkpoint_order(
             &codes,
-            &self.0.scales.to_f32_vec(),
+            &self.row_major_scales(),
             self.0.shape,
             self.0.blocks,
         )
@@ -291,7 +432,7 @@ impl PackedWeight {
         };
         let bytes = self.codes().bytes(self.0.shape[1]);
         // Room for the scales, which Burn appends to the codes' allocation.
-        let scales = self.0.scales.to_f32_vec();
+        let scales = self.row_major_scales();
         let mut codes = Vec::with_capacity(bytes.len() + size_of_val(scales.as_slice()) + 16);
         codes.extend_from_slice(&bytes);
         TensorData::quantized(codes, self.0.shape, scheme, &scales, None)

@@ -167,8 +167,8 @@ fn rows_any<S: Scale, const FMA: bool>(
             let codes: &[u8] = bytemuck::cast_slice(codes);
             rows_body::<S, FMA, false>(x, m, k, (codes, scales), j0, out)
         }
-        // A linear weight's layout, which `matvec` turns away.
-        Codes::RowPairs(_) => {}
+        // A linear weight's layouts, which `matvec` turns away.
+        Codes::RowPairs(_) | Codes::Panels(_) | Codes::PanelNibbles(_) => {}
     }
 }
 
@@ -235,8 +235,8 @@ fn widened_matvec<S: Scale>(
     }
     let unpacked;
     let codes = match codes {
-        // A linear weight's layout: read one byte per code.
-        Codes::RowPairs(_) => {
+        // A linear weight's layouts: read one byte per code.
+        Codes::RowPairs(_) | Codes::Panels(_) | Codes::PanelNibbles(_) => {
             unpacked = codes.bytes(k);
             Codes::Bytes(&unpacked)
         }
@@ -375,7 +375,9 @@ fn dequantize_row<S: Scale>(codes: Codes<'_>, scales: &[S], k: usize, j: usize, 
     let (row, halves): (&[u8], bool) = match codes {
         Codes::Bytes(codes) => (bytemuck::cast_slice(&codes[j * k..(j + 1) * k]), false),
         Codes::HalfBlocks(halves) => (&halves[j * k / 2..(j + 1) * k / 2], true),
-        Codes::RowPairs(_) => return out.fill(f32::NAN),
+        Codes::RowPairs(_) | Codes::Panels(_) | Codes::PanelNibbles(_) => {
+            return out.fill(f32::NAN);
+        }
     };
     for (b, (o, s)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
         let s = s.get();
@@ -398,7 +400,10 @@ pub fn gather<S: Scale>(
     k: usize,
     ids: &[usize],
 ) -> Option<Vec<f32>> {
-    if matches!(codes, Codes::RowPairs(_)) {
+    if matches!(
+        codes,
+        Codes::RowPairs(_) | Codes::Panels(_) | Codes::PanelNibbles(_)
+    ) {
         return None;
     }
     let n = codes.count() / k.max(1);

@@ -143,8 +143,8 @@ fn pack_group(codes: Codes<'_>, n: usize, g: usize, j0: usize, width: usize, out
     let code = |i: usize, j: usize| match codes {
         Codes::Bytes(codes) => codes[i * n + j],
         Codes::RowPairs(pairs) => nibble_code(pairs[i / 2 * n + j] >> (4 * (i % 2))),
-        // A table's layout: `matmul` turns it away.
-        Codes::HalfBlocks(_) => 0,
+        // A table's layout, and the panels, which need no packing: `matmul` turns them away.
+        Codes::HalfBlocks(_) | Codes::Panels(_) | Codes::PanelNibbles(_) => 0,
     };
     for j in 0..NR {
         for t in 0..GROUP {
@@ -176,6 +176,9 @@ pub fn matmul<S: Scale>(
     }
     if m == 0 || n == 0 || k == 0 {
         return Some(vec![0.0; m * n]);
+    }
+    if let Codes::Panels(_) | Codes::PanelNibbles(_) = codes {
+        return stored_panels(x, m, k, codes, S::as_f16(scales)?, n);
     }
     let activations = quantize_activations(x, m, k);
     let mut y = Vec::<f32>::with_capacity(m * n);
@@ -210,18 +213,97 @@ pub fn matmul<S: Scale>(
                 // kernels enable.
                 unsafe {
                     let tile = (to.0.add(r0 * n + p * NR), n, width);
-                    match rows {
-                        1 => x86::micro::<1>(&activations, r0, k, panel, tile),
-                        2 => x86::micro::<2>(&activations, r0, k, panel, tile),
-                        3 => x86::micro::<3>(&activations, r0, k, panel, tile),
-                        4 => x86::micro::<4>(&activations, r0, k, panel, tile),
-                        5 => x86::micro::<5>(&activations, r0, k, panel, tile),
-                        _ => x86::micro::<MR>(&activations, r0, k, panel, tile),
-                    }
+                    let weight = (panel.0.as_ptr(), panel.1.as_ptr().cast::<u8>(), NR);
+                    x86::tile::<false, false>(&activations, r0, rows, k, weight, tile);
                 }
             }
         });
     }
+    // SAFETY: the tasks wrote every row of every panel's columns.
+    unsafe { y.set_len(m * n) };
+    Some(y)
+}
+
+/// `y = x · (c·s)` for codes stored in panels ([`Codes::Panels`], [`Codes::PanelNibbles`];
+/// `n` a multiple of [`NR`]) and their f16 scales panel by panel (`[n / 32][k / 32][32]`):
+/// the micro kernel reads each panel where it lies, for a prompt's rows and a decode step's
+/// alike.
+fn stored_panels(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: Codes<'_>,
+    scales: &[half::f16],
+    n: usize,
+) -> Option<Vec<f32>> {
+    let (panels, nibbles) = match codes {
+        Codes::Panels(panels) => (panels, false),
+        Codes::PanelNibbles(panels) => (panels, true),
+        _ => return None,
+    };
+    let panel_bytes = if nibbles { k * NR / 2 } else { k * NR };
+    if !n.is_multiple_of(NR)
+        || panels.len() != n / NR * panel_bytes
+        || scales.len() * BLOCK != k * n
+    {
+        return None;
+    }
+    let activations = quantize_activations(x, m, k);
+    let panels_at = |p: usize| panels[p * panel_bytes..].as_ptr();
+    let mut y = Vec::<f32>::with_capacity(m * n);
+    let to = Shared(y.as_mut_ptr());
+    let to = &to;
+    // A run of neighbouring panels a task, so that each core streams long stretches of
+    // memory (a 4-bit panel of a 896-input weight is 14 KiB).
+    let count = n / NR;
+    let per_task = count.div_ceil(4 * super::threads()).max(1);
+    let per_task = if m == 1 {
+        per_task.next_multiple_of(2)
+    } else {
+        per_task
+    };
+    super::for_each_index(count.div_ceil(per_task), |task| {
+        let run = task * per_task..((task + 1) * per_task).min(count);
+        if m == 1 {
+            // A decode step's single row: two panels side by side, four chains of sums.
+            for p in run.clone().step_by(2).filter(|&p| p + 1 < run.end) {
+                let weight = |p: usize| (panels_at(p), scales[p * k / BLOCK * NR..].as_ptr());
+                // SAFETY: as below, for the columns of panels `p` and `p + 1`.
+                unsafe {
+                    let out = to.0.add(p * NR);
+                    if nibbles {
+                        x86::pair::<true>(&activations, k, [weight(p), weight(p + 1)], out);
+                    } else {
+                        x86::pair::<false>(&activations, k, [weight(p), weight(p + 1)], out);
+                    }
+                }
+            }
+        }
+        let single = if m == 1 {
+            run.end - run.len() % 2..run.end
+        } else {
+            run
+        };
+        for p in single {
+            let at = p * k / BLOCK * NR;
+            let weight = (panels_at(p), scales[at..].as_ptr().cast::<u8>(), NR);
+            for r0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - r0);
+                // SAFETY: rows `r0..r0 + rows`, columns `p·NR..+NR` of `y` are this task's
+                // alone, within its capacity; the panel holds `k` inputs of `NR` columns and
+                // `k / 32` blocks of `NR` scales; `available()` detected every feature the
+                // micro kernels enable.
+                unsafe {
+                    let tile = (to.0.add(r0 * n + p * NR), n, NR);
+                    if nibbles {
+                        x86::tile::<true, true>(&activations, r0, rows, k, weight, tile);
+                    } else {
+                        x86::tile::<false, true>(&activations, r0, rows, k, weight, tile);
+                    }
+                }
+            }
+        }
+    });
     // SAFETY: the tasks wrote every row of every panel's columns.
     unsafe { y.set_len(m * n) };
     Some(y)
@@ -252,6 +334,9 @@ pub fn matvec<S: Scale>(
     if !available() || matches!(codes, Codes::HalfBlocks(_)) {
         return None;
     }
+    if let Codes::Panels(_) | Codes::PanelNibbles(_) = codes {
+        return stored_panels(x, m, k, codes, S::as_f16(scales)?, n);
+    }
     let activations = quantize_activations(x, m, k);
     Some(super::quant::by_code_rows(m, k, n, |range, out| {
         // SAFETY: `available()` detected every feature the kernel enables.
@@ -265,8 +350,8 @@ pub fn matvec<S: Scale>(
                     let codes = (pairs.as_ptr(), pairs.len());
                     x86::code_rows::<_, true>(&activations, m, k, (codes, scales, n), range, out)
                 }
-                // A table's layout, turned away above.
-                Codes::HalfBlocks(_) => {}
+                // A table's layout and the panels, turned away above.
+                Codes::HalfBlocks(_) | Codes::Panels(_) | Codes::PanelNibbles(_) => {}
             }
         }
     }))
@@ -292,7 +377,7 @@ pub fn table_rows<S: Scale>(
     let (table, halves): (&[u8], bool) = match codes {
         Codes::HalfBlocks(halves) => (halves, true),
         Codes::Bytes(bytes) => (bytemuck::cast_slice(bytes), false),
-        Codes::RowPairs(_) => return None,
+        Codes::RowPairs(_) | Codes::Panels(_) | Codes::PanelNibbles(_) => return None,
     };
     debug_assert_eq!(table.len() * if halves { 2 } else { 1 }, n * k);
     debug_assert_eq!(scales.len(), n * k / BLOCK);
@@ -330,7 +415,7 @@ pub fn table_rows<S: Scale>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, NR, PASS, TILE};
+    use super::{GROUP, MR, NR, PASS, TILE};
     use crate::kernels::activations::Activations;
     const PREFETCH: i32 = _MM_HINT_T1;
     const AHEAD: usize = 2;
@@ -673,32 +758,155 @@ mod x86 {
         }
     }
 
+    /// Rows `r0..r0 + rows` (at most [`MR`]) of one panel's outputs by [`micro`].
+    ///
+    /// # Safety
+    /// As [`micro`]'s.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const NIBBLES: bool, const HALF: bool>(
+        a: &Activations,
+        r0: usize,
+        rows: usize,
+        k: usize,
+        weight: (*const u8, *const u8, usize),
+        out: (*mut f32, usize, usize),
+    ) {
+        // SAFETY: the caller's.
+        unsafe {
+            match rows {
+                1 => micro::<1, NIBBLES, HALF>(a, r0, k, weight, out),
+                2 => micro::<2, NIBBLES, HALF>(a, r0, k, weight, out),
+                3 => micro::<3, NIBBLES, HALF>(a, r0, k, weight, out),
+                4 => micro::<4, NIBBLES, HALF>(a, r0, k, weight, out),
+                5 => micro::<5, NIBBLES, HALF>(a, r0, k, weight, out),
+                _ => micro::<MR, NIBBLES, HALF>(a, r0, k, weight, out),
+            }
+        }
+    }
+
+    /// One activation row's outputs of two panels (`(codes, f16 scales)` each, as
+    /// [`micro`] reads them) into `out` (their 64 columns): a decode step's product, whose
+    /// single row gives [`micro`] only two chains of `vpdpbusd` to wait on.
+    ///
+    /// # Safety
+    /// As [`micro`]'s, for row 0 and both panels.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn pair<const NIBBLES: bool>(
+        a: &Activations,
+        k: usize,
+        panels: [(*const u8, *const half::f16); 2],
+        out: *mut f32,
+    ) {
+        debug_assert!(a.codes.len() >= k);
+        let blocks = k / BLOCK;
+        let low = _mm512_set1_epi8(0x0f);
+        let mut sums = [[_mm512_setzero_ps(); 2]; 2];
+        for b in 0..blocks {
+            let mut dots = [[_mm512_setzero_si512(); 2]; 2];
+            for g in b * BLOCK / GROUP..(b + 1) * BLOCK / GROUP {
+                // SAFETY: four codes of the row at inputs `4g..4g + 4`.
+                let x = unsafe {
+                    _mm512_set1_epi32(
+                        a.codes
+                            .as_ptr()
+                            .add(g * GROUP)
+                            .cast::<i32>()
+                            .read_unaligned(),
+                    )
+                };
+                for (dot, &(codes, _)) in dots.iter_mut().zip(&panels) {
+                    // SAFETY: group `g` of each panel, as in `micro`.
+                    let (w0, w1) = unsafe {
+                        if NIBBLES {
+                            let v = _mm512_loadu_si512(codes.add(g * GROUP * NR / 2).cast());
+                            (
+                                _mm512_and_si512(v, low),
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+                            )
+                        } else {
+                            let p = codes.add(g * GROUP * NR);
+                            (
+                                _mm512_loadu_si512(p.cast()),
+                                _mm512_loadu_si512(p.add(64).cast()),
+                            )
+                        }
+                    };
+                    dot[0] = _mm512_dpbusd_epi32(dot[0], w0, x);
+                    dot[1] = _mm512_dpbusd_epi32(dot[1], w1, x);
+                }
+            }
+            let x_scale = _mm512_set1_ps(a.scales[b]);
+            let offset = _mm512_set1_epi32(if NIBBLES {
+                a.offsets[b] / 16
+            } else {
+                a.offsets[b]
+            });
+            for ((sum, dot), &(_, scales)) in sums.iter_mut().zip(&dots).zip(&panels) {
+                // SAFETY: block `b`'s `NR` scales of each panel at `b · NR`.
+                let s = unsafe {
+                    let p = scales.add(b * NR);
+                    [
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16).cast())),
+                    ]
+                };
+                for v in 0..2 {
+                    let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[v], offset));
+                    sum[v] = _mm512_fmadd_ps(exact, _mm512_mul_ps(x_scale, s[v]), sum[v]);
+                }
+            }
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            // SAFETY: the 64 columns of `out`.
+            unsafe {
+                _mm512_storeu_ps(out.add(i * NR), sum[0]);
+                _mm512_storeu_ps(out.add(i * NR + 16), sum[1]);
+            }
+        }
+    }
+
     /// Rows `r0..r0 + R` of one panel's outputs into `out` (`R` rows `stride` floats apart,
     /// the panel's first `width` columns): per block of 32 inputs, eight `vpdpbusd` steps into
     /// integer sums, which are shifted back, converted and added into the f32 sums weighted by
-    /// both scales.
+    /// both scales. The panel is `(codes, scales, scale_stride)`: its groups of 128 bytes (64
+    /// with `NIBBLES`, two columns' codes to a byte as [`Codes::PanelNibbles`] holds them),
+    /// and block `b`'s [`NR`] scales at `scales + b · scale_stride` elements, f16 with `HALF`,
+    /// else f32.
+    ///
+    /// # Safety
+    /// The panel holds `k` inputs of [`NR`] columns; `a` holds rows `r0..r0 + R`; `out` the
+    /// tile's `width` columns of `R` rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn micro<const R: usize>(
+    pub(super) unsafe fn micro<const R: usize, const NIBBLES: bool, const HALF: bool>(
         a: &Activations,
         r0: usize,
         k: usize,
-        (packed, scales): (&[u8], &[f32]),
+        (codes, scales, scale_stride): (*const u8, *const u8, usize),
         (out, stride, width): (*mut f32, usize, usize),
     ) {
-        debug_assert!(packed.len() >= k * NR && scales.len() >= k / BLOCK * NR);
         debug_assert!(a.codes.len() >= (r0 + R) * k && (1..=NR).contains(&width));
         let blocks = k / BLOCK;
+        let low = _mm512_set1_epi8(0x0f);
         let mut sums = [[_mm512_setzero_ps(); 2]; R];
         for b in 0..blocks {
             let mut dots = [[_mm512_setzero_si512(); 2]; R];
             for g in b * BLOCK / GROUP..(b + 1) * BLOCK / GROUP {
-                // SAFETY: group `g` of the panel is 128 bytes at `g · 128`.
+                // SAFETY: group `g` of the panel is 128 bytes at `g · 128` (64 at `g · 64`
+                // with `NIBBLES`).
                 let (w0, w1) = unsafe {
-                    let p = packed.as_ptr().add(g * GROUP * NR);
-                    (
-                        _mm512_loadu_si512(p.cast()),
-                        _mm512_loadu_si512(p.add(64).cast()),
-                    )
+                    if NIBBLES {
+                        let v = _mm512_loadu_si512(codes.add(g * GROUP * NR / 2).cast());
+                        (
+                            _mm512_and_si512(v, low),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+                        )
+                    } else {
+                        let p = codes.add(g * GROUP * NR);
+                        (
+                            _mm512_loadu_si512(p.cast()),
+                            _mm512_loadu_si512(p.add(64).cast()),
+                        )
+                    }
                 };
                 for (r, dot) in dots.iter_mut().enumerate() {
                     // SAFETY: four codes of row `r0 + r` at inputs `4g..4g + 4`.
@@ -710,15 +918,29 @@ mod x86 {
                     dot[1] = _mm512_dpbusd_epi32(dot[1], w1, x);
                 }
             }
-            // SAFETY: block `b`'s scales are `NR` floats at `b · NR`.
+            // SAFETY: block `b`'s scales are `NR` values at `b · scale_stride`.
             let s = unsafe {
-                let p = scales.as_ptr().add(b * NR);
-                [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                if HALF {
+                    let p = scales.cast::<u16>().add(b * scale_stride);
+                    [
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16).cast())),
+                    ]
+                } else {
+                    let p = scales.cast::<f32>().add(b * scale_stride);
+                    [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+                }
             };
             for (r, (sum, dot)) in sums.iter_mut().zip(&dots).enumerate() {
                 let at = (r0 + r) * blocks + b;
                 let x_scale = _mm512_set1_ps(a.scales[at]);
-                let offset = _mm512_set1_epi32(a.offsets[at]);
+                // The codes' shift times `Σ x`: 128 for bytes, 8 for nibbles (the offsets are
+                // `128 · Σ x`, so a sixteenth is exact).
+                let offset = _mm512_set1_epi32(if NIBBLES {
+                    a.offsets[at] / 16
+                } else {
+                    a.offsets[at]
+                });
                 for v in 0..2 {
                     let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[v], offset));
                     sum[v] = _mm512_fmadd_ps(exact, _mm512_mul_ps(x_scale, s[v]), sum[v]);
@@ -749,7 +971,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::activations::Activations;
-    use crate::packed::{pack_half_blocks, pack_row_pairs};
+    use crate::packed::{pack_half_blocks, pack_panels, pack_row_pairs, panel_scales};
     use crate::quantize::{Quantization, f16_scales};
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt};
     use half::f16;
@@ -838,6 +1060,51 @@ mod tests {
                     // block's largest value apart.
                     let e = worst(&got, &float);
                     assert!(e <= 0.02 * (k as f32).sqrt(), "{what}: {e} from f32");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stored_panels_equal_the_products_of_both_codes() {
+        if !available() {
+            return;
+        }
+        // A decode row over pairs of panels, an odd panel and one alone; prompt rows.
+        for (m, k, n) in [
+            (1, 32, 32),
+            (1, 896, 128),
+            (1, 64, 96),
+            (2, 64, 96),
+            (7, 160, 64),
+            (13, 96, 32),
+            (40, 224, 160),
+        ] {
+            let x = values(m * k, 41 + k as u64);
+            let a = quantize_activations(&x, m, k);
+            for scheme in [Quantization::Q8, Quantization::Q4] {
+                let w = quantized_weight(n, k, 42 + n as u64, scheme);
+                let half_scales = f16_scales(&w.scales);
+                let rounded: Vec<f32> = half_scales.iter().map(|s| s.to_f32()).collect();
+                let exact = reference(&a, m, k, &w.codes, &rounded, n);
+                let nibbles = scheme == Quantization::Q4;
+                let panels = pack_panels(&w.codes, n, k, nibbles);
+                let codes = if nibbles {
+                    Codes::PanelNibbles(&panels)
+                } else {
+                    Codes::Panels(&panels)
+                };
+                assert_eq!(codes.bytes(n).as_ref(), w.codes_kn.as_slice(), "{scheme} layout");
+                let scales = panel_scales(&half_scales, k);
+                for (kernel, got) in [
+                    ("matmul", matmul(&x, m, k, codes, &scales, n)),
+                    ("matvec", matvec(&x, m, k, codes, &scales, n)),
+                ] {
+                    let e = worst(&got.expect("available"), &exact);
+                    assert!(
+                        e <= 1e-5 * (k as f32).sqrt(),
+                        "{kernel} {scheme} panels {m}x{k}x{n}: off by {e}"
+                    );
                 }
             }
         }
