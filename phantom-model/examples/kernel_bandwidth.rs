@@ -190,6 +190,66 @@ fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
         phantom_model::kernels::quant::quantizes_activations(),
         flops / t / 1e9
     );
+    panels_speed(&rows, &x, k, n);
+}
+
+/// The layout flex gives linear weights on processors with AVX512-VNNI: panels of 32 columns
+/// (8-bit codes a byte, 4-bit codes half a byte), f16 scales panel by panel, built from the
+/// checkpoint's order `[n, k]`. Decode bandwidth and the product with a 128-token prompt.
+fn panels_speed(rows: &[(Vec<i8>, Vec<f32>)], x: &[f32], k: usize, n: usize) {
+    use phantom_model::kernels::quant::product;
+    use phantom_model::packed::{Codes, pack_panels, panel_scales};
+    if !phantom_model::kernels::quant::quantizes_activations() {
+        println!("panels: not read on this processor (no AVX512-VNNI)");
+        return;
+    }
+    for nibbles in [false, true] {
+        let stack: Vec<(Vec<u8>, Vec<f16>)> = rows
+            .iter()
+            .map(|(codes, scales)| {
+                let codes: Vec<i8> = if nibbles {
+                    codes.iter().map(|&c| c.clamp(-7, 7)).collect()
+                } else {
+                    codes.clone()
+                };
+                let scales: Vec<f16> = scales.iter().map(|&s| f16::from_f32(s)).collect();
+                (pack_panels(&codes, n, k, nibbles), panel_scales(&scales, k))
+            })
+            .collect();
+        fn codes(c: &[u8], nibbles: bool) -> Codes<'_> {
+            if nibbles {
+                Codes::PanelNibbles(c)
+            } else {
+                Codes::Panels(c)
+            }
+        }
+        let name = if nibbles { "q4" } else { "q8" };
+        let bytes: usize = stack.iter().map(|(c, s)| c.len() + 2 * s.len()).sum();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            for (c, s) in &stack {
+                std::hint::black_box(product(&x[..k], 1, k, codes(c, nibbles), s, n));
+            }
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "{name} in panels, a decode step: {:.1} GB/s ({:.1} ms per pass)",
+            bytes as f64 / best / 1e9,
+            best * 1e3
+        );
+        let m = 128;
+        let flops = 2.0 * (m * n * k) as f64 * 8.0;
+        let start = Instant::now();
+        for (c, s) in stack.iter().take(8) {
+            std::hint::black_box(product(&x[..m * k], m, k, codes(c, nibbles), s, n));
+        }
+        let t = start.elapsed().as_secs_f64();
+        println!(
+            "{name} in panels x 128 rows: {:.1} GFLOP/s",
+            flops / t / 1e9
+        );
+    }
 }
 
 #[allow(dead_code)]

@@ -183,7 +183,7 @@ pub fn pack_panels(codes_nk: &[i8], n: usize, k: usize, nibbles: bool) -> Vec<u8
 
 /// A linear weight's scales in the checkpoint's order (`[n, k / 32]`) laid out panel by panel
 /// as [`Codes::Panels`] reads them: `[n / 32][k / 32][32]`, a panel's scales contiguous.
-pub(crate) fn panel_scales(scales_nk: &[f16], k: usize) -> Vec<f16> {
+pub fn panel_scales(scales_nk: &[f16], k: usize) -> Vec<f16> {
     let blocks = k / BLOCK;
     let mut out = vec![f16::ZERO; scales_nk.len()];
     for (j, row) in scales_nk.chunks_exact(blocks).enumerate() {

@@ -478,8 +478,9 @@ pub(super) fn by_panels(
 /// The integer products of [`super::vnni`] where the processor has them (activations
 /// quantized per block); else [`matvec`] up to [`MAX_ROWS`] rows and [`matmul`] beyond.
 ///
-/// 4-bit codes stored two rows to a byte ([`Codes::RowPairs`]) are read so by the integer
-/// products; the other kernels unpack them first.
+/// Codes in panels ([`Codes::Panels`], [`Codes::PanelNibbles`], with their f16 scales panel
+/// by panel) and 4-bit codes two rows to a byte ([`Codes::RowPairs`]) are read so by the
+/// integer products; the other kernels unpack them first.
 pub fn product<S: Scale>(
     x: &[f32],
     m: usize,

@@ -1094,7 +1094,11 @@ mod tests {
                 } else {
                     Codes::Panels(&panels)
                 };
-                assert_eq!(codes.bytes(n).as_ref(), w.codes_kn.as_slice(), "{scheme} layout");
+                assert_eq!(
+                    codes.bytes(n).as_ref(),
+                    w.codes_kn.as_slice(),
+                    "{scheme} layout"
+                );
                 let scales = panel_scales(&half_scales, k);
                 for (kernel, got) in [
                     ("matmul", matmul(&x, m, k, codes, &scales, n)),
