@@ -183,9 +183,9 @@ pub fn pack_panels(codes_nk: &[i8], n: usize, k: usize, nibbles: bool) -> Vec<u8
 
 /// A linear weight's scales in the checkpoint's order (`[n, k / 32]`) laid out panel by panel
 /// as [`Codes::Panels`] reads them: `[n / 32][k / 32][32]`, a panel's scales contiguous.
-pub fn panel_scales(scales_nk: &[f16], k: usize) -> Vec<f16> {
+pub fn panel_scales<T: Copy>(scales_nk: &[T], k: usize) -> Vec<T> {
     let blocks = k / BLOCK;
-    let mut out = vec![f16::ZERO; scales_nk.len()];
+    let mut out = scales_nk.to_vec();
     for (j, row) in scales_nk.chunks_exact(blocks).enumerate() {
         let (p, j) = (j / PANEL, j % PANEL);
         for (b, &s) in row.iter().enumerate() {
@@ -196,9 +196,9 @@ pub fn panel_scales(scales_nk: &[f16], k: usize) -> Vec<f16> {
 }
 
 /// [`panel_scales`] undone: `[k / 32, n]`, the blocks in row-major order as Burn sees them.
-fn unpanel_scales(panels: &[f16], n: usize) -> Vec<f16> {
+pub fn unpanel_scales<T: Copy>(panels: &[T], n: usize) -> Vec<T> {
     let blocks = panels.len() / n.max(1);
-    let mut out = vec![f16::ZERO; panels.len()];
+    let mut out = panels.to_vec();
     for (at, &s) in panels.iter().enumerate() {
         let (p, b, j) = (at / (blocks * PANEL), at / PANEL % blocks, at % PANEL);
         out[b * n + p * PANEL + j] = s;

@@ -500,11 +500,28 @@ pub fn product<S: Scale>(
             return y;
         }
     }
-    let codes = codes.bytes(n);
+    let bytes = codes.bytes(n);
+    if let Codes::Panels(_) | Codes::PanelNibbles(_) = codes {
+        // Panels carry their scales panel by panel; these kernels read them row-major.
+        let scales = crate::packed::unpanel_scales(scales, n);
+        return portable_product(x, m, k, &bytes, &scales, n);
+    }
+    portable_product(x, m, k, &bytes, scales, n)
+}
+
+/// [`matvec`] up to [`MAX_ROWS`] rows, [`matmul`] beyond.
+fn portable_product<S: Scale>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    codes: &[i8],
+    scales: &[S],
+    n: usize,
+) -> Vec<f32> {
     if m <= MAX_ROWS {
-        matvec(x, m, k, &codes, scales, n)
+        matvec(x, m, k, codes, scales, n)
     } else {
-        matmul(x, m, k, &codes, scales, n)
+        matmul(x, m, k, codes, scales, n)
     }
 }
 
@@ -526,7 +543,9 @@ pub fn quantizes_activations() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed::pack_row_pairs;
+    use half::f16;
+
+    use crate::packed::{pack_panels, pack_row_pairs, panel_scales};
     use crate::quantize::Quantization;
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt as reference};
 
@@ -548,10 +567,11 @@ mod tests {
             let x = values(m * k, 1 + k as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {
                 let QuantizedWeight {
+                    codes,
+                    scales,
                     codes_kn,
                     scales_kn,
                     dequantized,
-                    ..
                 } = quantized_weight(n, k, 2 + n as u64, scheme);
                 let want = reference(&x, m, k, &dequantized, n);
                 let tol = 1e-5 * (k as f32).sqrt() + 1e-6;
@@ -579,6 +599,26 @@ mod tests {
                     assert!(
                         e <= tol,
                         "{scheme} {layout} {m}x{k}x{n}: the product off by {e}"
+                    );
+                }
+                // Panels, with f16 scales (the integer products where the processor has
+                // them) and with f32 ones (the portable kernels, scales put back in order).
+                if n.is_multiple_of(32) {
+                    let nibbles = scheme == Quantization::Q4;
+                    let panels = pack_panels(&codes, n, k, nibbles);
+                    let codes = if nibbles {
+                        Codes::PanelNibbles(&panels)
+                    } else {
+                        Codes::Panels(&panels)
+                    };
+                    let scales = panel_scales(&scales, k);
+                    let halves: Vec<f16> = scales.iter().map(|&s| f16::from_f32(s)).collect();
+                    let e = worst(&product(&x, m, k, codes, &halves, n), &want);
+                    assert!(e <= tol, "{scheme} panels {m}x{k}x{n}: off by {e}");
+                    let e = worst(&product(&x, m, k, codes, &scales, n), &want);
+                    assert!(
+                        e <= tol,
+                        "{scheme} panels, f32 scales {m}x{k}x{n}: off by {e}"
                     );
                 }
             }
