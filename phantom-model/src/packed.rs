@@ -266,8 +266,8 @@ fn half_blocks_read() -> bool {
 }
 
 /// A quantized matrix as the CPU kernels read it: its codes ([`Codes`]), row-major as Burn
-/// sees the matrix, and one f16 scale per block in the blocks' row-major order. Cloning it shares
-/// the values.
+/// sees the matrix or in panels ([`Codes::Panels`]), and one f16 scale per block in the blocks'
+/// row-major order or, with panels, panel by panel. Cloning it shares the values.
 #[derive(Clone)]
 pub struct PackedWeight(Arc<Packed>);
 
@@ -386,7 +386,7 @@ impl PackedWeight {
         self.0.blocks
     }
 
-    /// The codes, row-major in [`PackedWeight::shape`].
+    /// The codes, row-major in [`PackedWeight::shape`] or in panels.
     pub fn codes(&self) -> Codes<'_> {
         match &self.0.codes {
             Stored::Bytes(codes) => Codes::Bytes(codes),
@@ -508,6 +508,56 @@ mod tests {
         let pairs = pack_row_pairs(&c, cols);
         assert_eq!((pairs.len(), pairs.capacity()), (c.len() / 2, c.len() / 2));
         assert_eq!(unpack_row_pairs(&pairs, cols), c);
+    }
+
+    #[test]
+    fn panels_round_trip_to_the_weight_as_burn_sees_it() {
+        // Three panels, five blocks; 8-bit codes over their whole range.
+        let (n, k) = (96, 5 * BLOCK);
+        let wide: Vec<i8> = (0..n * k).map(|i| ((i * 37 + i / 7) % 255) as i8).collect();
+        let scales: Vec<f16> = (0..n * k / BLOCK)
+            .map(|i| f16::from_f32(0.25 + i as f32 / 64.0))
+            .collect();
+        let scales_kn = transpose_into(&scales, n, k / BLOCK, Vec::new());
+        for (c, nibbles) in [(wide, false), (codes(n * k), true)] {
+            let panels = pack_panels(&c, n, k, nibbles);
+            assert_eq!(panels.len(), if nibbles { n * k / 2 } else { n * k });
+            let codes_kn = transpose_into(&c, n, k, Vec::new());
+            assert_eq!(
+                unpack_panels(&panels, n, nibbles),
+                codes_kn,
+                "nibbles {nibbles}"
+            );
+            let stored = if nibbles {
+                Codes::PanelNibbles(&panels)
+            } else {
+                Codes::Panels(&panels)
+            };
+            assert_eq!(stored.count(), n * k);
+            assert_eq!(stored.bytes(n).as_ref(), codes_kn.as_slice());
+            // Column 40 (panel 1, column 8), block 3: its scale, where the kernels read it.
+            let in_panels = panel_scales(&scales, k);
+            assert_eq!(
+                in_panels[(k / BLOCK + 3) * 32 + 8],
+                scales[40 * k / BLOCK + 3]
+            );
+            assert_eq!(unpanel_scales(&in_panels, n), scales_kn);
+        }
+    }
+
+    #[test]
+    fn a_linear_weight_gives_back_its_checkpoint_order_in_any_layout() {
+        // Whole panels (where the processor reads them) and a width that is not.
+        for n in [96, 70] {
+            let k = 3 * BLOCK;
+            let c = codes(n * k);
+            let scales: Vec<f32> = (0..n * k / BLOCK).map(|i| 0.5 + i as f32 / 8.0).collect();
+            for scheme in [Quantization::Q8, Quantization::Q4] {
+                let w = PackedWeight::columns(&c, &f16_scales(&scales), n, k, scheme);
+                assert_eq!(w.shape(), [k, n]);
+                assert_eq!(w.parts(), (c.clone(), scales.clone()), "{scheme} {n}");
+            }
+        }
     }
 
     #[test]

@@ -563,6 +563,8 @@ mod tests {
             (40, 224, 530),
             (3, 64, 200),
             (12, 96, 64),
+            (1, 96, 96),
+            (7, 160, 96),
         ] {
             let x = values(m * k, 1 + k as u64);
             for scheme in [Quantization::Q8, Quantization::Q4] {

@@ -243,6 +243,7 @@ fn stored_panels(
     };
     let panel_bytes = if nibbles { k * NR / 2 } else { k * NR };
     if !n.is_multiple_of(NR)
+        || !k.is_multiple_of(BLOCK)
         || panels.len() != n / NR * panel_bytes
         || scales.len() * BLOCK != k * n
     {
@@ -1070,11 +1071,14 @@ mod tests {
         if !available() {
             return;
         }
-        // A decode row over pairs of panels, an odd panel and one alone; prompt rows.
+        // A decode row over pairs of panels, an odd panel and one alone, and runs of panels
+        // that end in a pair and an odd one (23 panels: runs of 4 and 3 on two cores, of 6
+        // and 5 on one); prompt rows.
         for (m, k, n) in [
             (1, 32, 32),
             (1, 896, 128),
             (1, 64, 96),
+            (1, 64, 32 * 23),
             (2, 64, 96),
             (7, 160, 64),
             (13, 96, 32),
