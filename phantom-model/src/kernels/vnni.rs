@@ -759,6 +759,36 @@ mod x86 {
         }
     }
 
+    /// Group `g` of a panel's codes as two `vpdpbusd` operands, columns 0–15 and 16–31: two
+    /// 64-byte loads, or with `NIBBLES` one, split into low and high nibbles by `low` (0x0f).
+    ///
+    /// # Safety
+    /// The panel holds group `g`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn panel_group<const NIBBLES: bool>(
+        codes: *const u8,
+        g: usize,
+        low: __m512i,
+    ) -> (__m512i, __m512i) {
+        // SAFETY: the caller's.
+        unsafe {
+            if NIBBLES {
+                let v = _mm512_loadu_si512(codes.add(g * GROUP * NR / 2).cast());
+                (
+                    _mm512_and_si512(v, low),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+                )
+            } else {
+                let p = codes.add(g * GROUP * NR);
+                (
+                    _mm512_loadu_si512(p.cast()),
+                    _mm512_loadu_si512(p.add(64).cast()),
+                )
+            }
+        }
+    }
+
     /// Rows `r0..r0 + rows` (at most [`MR`]) of one panel's outputs by [`micro`].
     ///
     /// # Safety
@@ -817,21 +847,7 @@ mod x86 {
                 };
                 for (dot, &(codes, _)) in dots.iter_mut().zip(&panels) {
                     // SAFETY: group `g` of each panel, as in `micro`.
-                    let (w0, w1) = unsafe {
-                        if NIBBLES {
-                            let v = _mm512_loadu_si512(codes.add(g * GROUP * NR / 2).cast());
-                            (
-                                _mm512_and_si512(v, low),
-                                _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
-                            )
-                        } else {
-                            let p = codes.add(g * GROUP * NR);
-                            (
-                                _mm512_loadu_si512(p.cast()),
-                                _mm512_loadu_si512(p.add(64).cast()),
-                            )
-                        }
-                    };
+                    let (w0, w1) = unsafe { panel_group::<NIBBLES>(codes, g, low) };
                     dot[0] = _mm512_dpbusd_epi32(dot[0], w0, x);
                     dot[1] = _mm512_dpbusd_epi32(dot[1], w1, x);
                 }
@@ -894,21 +910,7 @@ mod x86 {
             for g in b * BLOCK / GROUP..(b + 1) * BLOCK / GROUP {
                 // SAFETY: group `g` of the panel is 128 bytes at `g · 128` (64 at `g · 64`
                 // with `NIBBLES`).
-                let (w0, w1) = unsafe {
-                    if NIBBLES {
-                        let v = _mm512_loadu_si512(codes.add(g * GROUP * NR / 2).cast());
-                        (
-                            _mm512_and_si512(v, low),
-                            _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
-                        )
-                    } else {
-                        let p = codes.add(g * GROUP * NR);
-                        (
-                            _mm512_loadu_si512(p.cast()),
-                            _mm512_loadu_si512(p.add(64).cast()),
-                        )
-                    }
-                };
+                let (w0, w1) = unsafe { panel_group::<NIBBLES>(codes, g, low) };
                 for (r, dot) in dots.iter_mut().enumerate() {
                     // SAFETY: four codes of row `r0 + r` at inputs `4g..4g + 4`.
                     let x = unsafe {
