@@ -199,6 +199,7 @@ fn quantized_speed(weights: &[Vec<f32>], k: usize, n: usize) {
 fn panels_speed(rows: &[(Vec<i8>, Vec<f32>)], x: &[f32], k: usize, n: usize) {
     use phantom_model::kernels::quant::product;
     use phantom_model::packed::{Codes, pack_panels, panel_scales};
+    use phantom_model::quantize::f16_scales;
     if !phantom_model::kernels::quant::quantizes_activations() {
         println!("panels: not read on this processor (no AVX512-VNNI)");
         return;
@@ -212,7 +213,7 @@ fn panels_speed(rows: &[(Vec<i8>, Vec<f32>)], x: &[f32], k: usize, n: usize) {
                 } else {
                     codes.clone()
                 };
-                let scales: Vec<f16> = scales.iter().map(|&s| f16::from_f32(s)).collect();
+                let scales = f16_scales(scales);
                 (pack_panels(&codes, n, k, nibbles), panel_scales(&scales, k))
             })
             .collect();

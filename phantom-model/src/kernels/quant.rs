@@ -543,10 +543,8 @@ pub fn quantizes_activations() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::f16;
-
     use crate::packed::{pack_panels, pack_row_pairs, panel_scales};
-    use crate::quantize::Quantization;
+    use crate::quantize::{Quantization, f16_scales};
     use crate::testing::{QuantizedWeight, quantized_weight, values, worst, x_wt as reference};
 
     #[test]
@@ -614,7 +612,7 @@ mod tests {
                         Codes::Panels(&panels)
                     };
                     let scales = panel_scales(&scales, k);
-                    let halves: Vec<f16> = scales.iter().map(|&s| f16::from_f32(s)).collect();
+                    let halves = f16_scales(&scales);
                     let e = worst(&product(&x, m, k, codes, &halves, n), &want);
                     assert!(e <= tol, "{scheme} panels {m}x{k}x{n}: off by {e}");
                     let e = worst(&product(&x, m, k, codes, &scales, n), &want);

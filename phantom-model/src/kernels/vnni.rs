@@ -63,7 +63,7 @@ const SLAB: usize = 2 << 20;
 /// panel's rows lie `n` bytes apart, and reading a panel at a time touched a new page per
 /// row.
 #[allow(clippy::too_many_arguments)]
-fn pack_panels<S: Scale>(
+fn pack_slab<S: Scale>(
     codes: Codes<'_>,
     scales: &[S],
     k: usize,
@@ -189,7 +189,7 @@ pub fn matmul<S: Scale>(
     let (mut packed, mut packed_scales) = (Vec::new(), Vec::new());
     for p0 in (0..panels).step_by(per_slab) {
         let p1 = (p0 + per_slab).min(panels);
-        pack_panels(
+        pack_slab(
             codes,
             scales,
             k,
@@ -206,16 +206,12 @@ pub fn matmul<S: Scale>(
                 &packed_scales[i * k / BLOCK * NR..][..k / BLOCK * NR],
             );
             let width = NR.min(n - p * NR);
-            for r0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - r0);
-                // SAFETY: rows `r0..r0 + rows`, columns `p·NR..+width` of `y` are this task's
-                // alone, within its capacity; `available()` detected every feature the micro
-                // kernels enable.
-                unsafe {
-                    let tile = (to.0.add(r0 * n + p * NR), n, width);
-                    let weight = (panel.0.as_ptr(), panel.1.as_ptr().cast::<u8>(), NR);
-                    x86::tile::<false, false>(&activations, r0, rows, k, weight, tile);
-                }
+            // SAFETY: columns `p·NR..+width` of `y`'s `m` rows are this task's alone, within
+            // its capacity; `available()` detected every feature the micro kernels enable.
+            unsafe {
+                let out = (to.0.add(p * NR), n, width);
+                let weight = (panel.0.as_ptr(), panel.1.as_ptr().cast::<u8>(), NR);
+                x86::panel_rows::<false, false>(&activations, m, k, weight, out);
             }
         });
     }
@@ -288,19 +284,15 @@ fn stored_panels(
         for p in single {
             let at = p * k / BLOCK * NR;
             let weight = (panels_at(p), scales[at..].as_ptr().cast::<u8>(), NR);
-            for r0 in (0..m).step_by(MR) {
-                let rows = MR.min(m - r0);
-                // SAFETY: rows `r0..r0 + rows`, columns `p·NR..+NR` of `y` are this task's
-                // alone, within its capacity; the panel holds `k` inputs of `NR` columns and
-                // `k / 32` blocks of `NR` scales; `available()` detected every feature the
-                // micro kernels enable.
-                unsafe {
-                    let tile = (to.0.add(r0 * n + p * NR), n, NR);
-                    if nibbles {
-                        x86::tile::<true, true>(&activations, r0, rows, k, weight, tile);
-                    } else {
-                        x86::tile::<false, true>(&activations, r0, rows, k, weight, tile);
-                    }
+            // SAFETY: columns `p·NR..+NR` of `y`'s `m` rows are this task's alone, within its
+            // capacity; the panel holds `k` inputs of `NR` columns and `k / 32` blocks of `NR`
+            // scales; `available()` detected every feature the micro kernels enable.
+            unsafe {
+                let out = (to.0.add(p * NR), n, NR);
+                if nibbles {
+                    x86::panel_rows::<true, true>(&activations, m, k, weight, out);
+                } else {
+                    x86::panel_rows::<false, true>(&activations, m, k, weight, out);
                 }
             }
         }
@@ -789,28 +781,31 @@ mod x86 {
         }
     }
 
-    /// Rows `r0..r0 + rows` (at most [`MR`]) of one panel's outputs by [`micro`].
+    /// Every one of the `m` rows of one panel's outputs, [`MR`] rows at a time by [`micro`]:
+    /// `out` is `(row 0's first column, row stride, width)`.
     ///
     /// # Safety
-    /// As [`micro`]'s.
+    /// As [`micro`]'s, for rows `0..m`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile<const NIBBLES: bool, const HALF: bool>(
+    pub(super) unsafe fn panel_rows<const NIBBLES: bool, const HALF: bool>(
         a: &Activations,
-        r0: usize,
-        rows: usize,
+        m: usize,
         k: usize,
         weight: (*const u8, *const u8, usize),
-        out: (*mut f32, usize, usize),
+        (out, stride, width): (*mut f32, usize, usize),
     ) {
-        // SAFETY: the caller's.
-        unsafe {
-            match rows {
-                1 => micro::<1, NIBBLES, HALF>(a, r0, k, weight, out),
-                2 => micro::<2, NIBBLES, HALF>(a, r0, k, weight, out),
-                3 => micro::<3, NIBBLES, HALF>(a, r0, k, weight, out),
-                4 => micro::<4, NIBBLES, HALF>(a, r0, k, weight, out),
-                5 => micro::<5, NIBBLES, HALF>(a, r0, k, weight, out),
-                _ => micro::<MR, NIBBLES, HALF>(a, r0, k, weight, out),
+        for r0 in (0..m).step_by(MR) {
+            // SAFETY: the caller's, for rows `r0..r0 + MR.min(m - r0)`.
+            unsafe {
+                let out = (out.add(r0 * stride), stride, width);
+                match MR.min(m - r0) {
+                    1 => micro::<1, NIBBLES, HALF>(a, r0, k, weight, out),
+                    2 => micro::<2, NIBBLES, HALF>(a, r0, k, weight, out),
+                    3 => micro::<3, NIBBLES, HALF>(a, r0, k, weight, out),
+                    4 => micro::<4, NIBBLES, HALF>(a, r0, k, weight, out),
+                    5 => micro::<5, NIBBLES, HALF>(a, r0, k, weight, out),
+                    _ => micro::<MR, NIBBLES, HALF>(a, r0, k, weight, out),
+                }
             }
         }
     }
