@@ -50,14 +50,18 @@ fn threads() -> usize {
 
 /// Runs `f(index, chunk)` over the `chunk`-sized pieces of `data`, on every core when threads
 /// are compiled in.
-fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+fn for_each_chunk<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
     let chunk = chunk.max(1);
     #[cfg(feature = "threads")]
     {
         /// The start of `data`, shared by the tasks, each of which writes its own chunk.
-        struct Start(*mut f32);
-        // SAFETY: the tasks write disjoint chunks, each claimed by one task.
-        unsafe impl Sync for Start {}
+        struct Start<T>(*mut T);
+        // SAFETY: the tasks write disjoint chunks, each claimed by one task, and `T: Send`.
+        unsafe impl<T: Send> Sync for Start<T> {}
         let len = data.len();
         let start = Start(data.as_mut_ptr());
         let start = &start;

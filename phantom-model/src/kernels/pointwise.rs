@@ -99,7 +99,7 @@ fn zip_values<V: Value>(g: &FlexTensor, u: &FlexTensor, dims: Vec<usize>) -> Opt
         return None;
     }
     let mut out = vec![V::narrow(0.0); g.len()];
-    each_chunk(&mut out, |i, out| {
+    super::for_each_chunk(&mut out, CHUNK, |i, out| {
         let from = i * CHUNK;
         let (g, u) = (&g[from..from + out.len()], &u[from..from + out.len()]);
         run(Pass::SiluMul(g, u), out);
@@ -111,25 +111,11 @@ fn zip_values<V: Value>(g: &FlexTensor, u: &FlexTensor, dims: Vec<usize>) -> Opt
 fn map_values<V: Value>(x: &FlexTensor, dims: Vec<usize>) -> Option<TensorData> {
     let x = contiguous_values::<V>(x)?;
     let mut out = vec![V::narrow(0.0); x.len()];
-    each_chunk(&mut out, |i, out| {
+    super::for_each_chunk(&mut out, CHUNK, |i, out| {
         let from = i * CHUNK;
         run(Pass::Gelu(&x[from..from + out.len()]), out);
     });
     Some(TensorData::new(out, dims))
-}
-
-/// `f(index, chunk)` over the [`CHUNK`]-sized pieces of `out`, on every core when threads are
-/// compiled in.
-fn each_chunk<V: Value>(out: &mut [V], f: impl Fn(usize, &mut [V]) + Sync + Send) {
-    #[cfg(feature = "threads")]
-    {
-        use rayon::prelude::*;
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-    }
-    #[cfg(not(feature = "threads"))]
-    out.chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i, c));
 }
 
 /// One activation's inputs.
